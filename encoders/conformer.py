@@ -1,0 +1,180 @@
+"""Conformer with rotary self-attention (torchaudio's Conformer has no positional information).
+
+Block (Gulati et al. 2020, Macaron style):
+    x = x + 1/2 FFN(x);  x = x + MHSA(x);  x = x + Conv(x);  x = x + 1/2 FFN(x);  x = LN(x)
+MHSA applies rotary position embedding to queries and keys and masks padded keys. The conv
+module zeroes padded frames before its depthwise convolution and normalises with LayerNorm
+(not BatchNorm), so a sample's output never depends on the rest of its batch.
+
+Notation: b = batch, m = frames, d = width, h = heads, k = head width (d / h).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+def rotary_tables(
+    length: int, head_dim: int, *, base: float = 10_000.0, device=None, dtype=torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables (m, k / 2) for positions 0..length-1 (RoFormer frequencies)."""
+    if head_dim % 2:
+        raise ValueError(f"rotary embedding needs an even head width, got {head_dim}")
+    inv_freq = base ** (-torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    angles = torch.arange(length, device=device, dtype=torch.float32)[:, None] * inv_freq  # (m, k/2)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate channel pairs (i, i + k/2) of x (b, h, m, k) by position-dependent angles."""
+    x1, x2 = x.chunk(2, dim=-1)  # (b, h, m, k/2) each
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+class RotarySelfAttention(nn.Module):
+    """Multi-head self-attention with rotary positions and a key-padding mask (no norm inside).
+
+    forward(x (b, m, d), mask (b, m) bool, True = valid) -> (b, m, d).
+    """
+
+    def __init__(self, *, dim: int, num_heads: int, dropout: float = 0.0, rope_base: float = 10_000.0):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        if self.head_dim % 2:
+            raise ValueError(f"head width dim / num_heads = {self.head_dim} must be even for rotary")
+        self.dropout, self.rope_base = dropout, rope_base
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        b, m, d = x.shape
+        q, k, v = (
+            self.qkv(x).view(b, m, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        )  # (b, h, m, k) each
+        cos, sin = rotary_tables(m, self.head_dim, base=self.rope_base, device=q.device, dtype=q.dtype)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        # A row with no valid key would give NaN; let it attend anywhere (its output is masked).
+        keys = mask | ~mask.any(dim=-1, keepdim=True)  # (b, m)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=keys[:, None, None, :], dropout_p=self.dropout if self.training else 0.0
+        )  # (b, h, m, k)
+        return self.out(y.transpose(1, 2).reshape(b, m, d))  # (b, m, d)
+
+
+class FeedForward(nn.Module):
+    """LayerNorm -> Linear -> SiLU -> Dropout -> Linear -> Dropout; (b, m, d) -> (b, m, d)."""
+
+    def __init__(self, *, dim: int, hidden_dim: int, dropout: float = 0.0):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.LayerNorm(dim),
+            nn.Linear(dim, hidden_dim),
+            nn.SiLU(),
+            nn.Dropout(dropout),
+            nn.Linear(hidden_dim, dim),
+            nn.Dropout(dropout),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class ConvModule(nn.Module):
+    """LN -> pointwise (d -> 2d) -> GLU -> zero padding -> depthwise conv -> LN -> SiLU ->
+    pointwise -> Dropout.
+
+    forward(x (b, m, d), mask (b, m)) -> (b, m, d).
+    """
+
+    def __init__(self, *, dim: int, kernel_size: int, dropout: float = 0.0):
+        super().__init__()
+        if kernel_size % 2 == 0:
+            raise ValueError(f"conv kernel_size must be odd ('same' padding), got {kernel_size}")
+        self.norm = nn.LayerNorm(dim)
+        self.pointwise_in = nn.Linear(dim, 2 * dim)
+        self.depthwise = nn.Conv1d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
+        self.conv_norm = nn.LayerNorm(dim)
+        self.pointwise_out = nn.Linear(dim, dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        y = F.glu(self.pointwise_in(self.norm(x)), dim=-1)  # (b, m, d)
+        y = y * mask[..., None]  # padding must not leak into valid frames
+        y = self.depthwise(y.transpose(1, 2)).transpose(1, 2)  # (b, m, d)
+        y = F.silu(self.conv_norm(y))
+        return self.dropout(self.pointwise_out(y))  # (b, m, d)
+
+
+class ConformerBlock(nn.Module):
+    """One Macaron Conformer block; forward(x (b, m, d), mask (b, m)) -> (b, m, d)."""
+
+    def __init__(self, *, ffn1: FeedForward, attn: RotarySelfAttention, conv: ConvModule,
+                 ffn2: FeedForward, dim: int, dropout: float = 0.0):
+        super().__init__()
+        self.ffn1, self.attn, self.conv, self.ffn2 = ffn1, attn, conv, ffn2
+        self.attn_norm = nn.LayerNorm(dim)
+        self.attn_dropout = nn.Dropout(dropout)
+        self.final_norm = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x = x + 0.5 * self.ffn1(x)  # (b, m, d)
+        x = x + self.attn_dropout(self.attn(self.attn_norm(x), mask))
+        x = x + self.conv(x, mask)
+        x = x + 0.5 * self.ffn2(x)
+        return self.final_norm(x) * mask[..., None]  # padded frames stay zero
+
+
+class Conformer(nn.Module):
+    """A stack of Conformer blocks.
+
+    forward(x (b, m, d), mask (b, m) bool, True = valid) -> (b, m, d), zero at padded frames.
+    Set `activation_checkpointing` to recompute blocks in backward (non-reentrant).
+    """
+
+    def __init__(self, blocks: list[ConformerBlock], *, activation_checkpointing: bool = False):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.activation_checkpointing = activation_checkpointing
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if mask.dtype != torch.bool or mask.shape != x.shape[:2]:
+            raise ValueError(f"mask must be bool {tuple(x.shape[:2])}, got {mask.dtype} {tuple(mask.shape)}")
+        for block in self.blocks:
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, mask, use_reentrant=False)
+            else:
+                x = block(x, mask)  # (b, m, d)
+        return x
+
+
+def conformer_block(
+    *, dim: int, num_heads: int, ffn_dim: int, kernel_size: int, dropout: float = 0.0,
+    rope_base: float = 10_000.0,
+) -> ConformerBlock:
+    """One Macaron block with rotary MHSA and a depthwise conv of `kernel_size`."""
+    return ConformerBlock(
+        ffn1=FeedForward(dim=dim, hidden_dim=ffn_dim, dropout=dropout),
+        attn=RotarySelfAttention(dim=dim, num_heads=num_heads, dropout=dropout, rope_base=rope_base),
+        conv=ConvModule(dim=dim, kernel_size=kernel_size, dropout=dropout),
+        ffn2=FeedForward(dim=dim, hidden_dim=ffn_dim, dropout=dropout),
+        dim=dim,
+        dropout=dropout,
+    )
+
+
+def conformer(
+    *, dim: int, num_layers: int, num_heads: int, ffn_dim: int, kernel_size: int,
+    dropout: float = 0.0, rope_base: float = 10_000.0, activation_checkpointing: bool = False,
+) -> Conformer:
+    """A `num_layers`-block rotary Conformer of width `dim`."""
+    blocks = [
+        conformer_block(dim=dim, num_heads=num_heads, ffn_dim=ffn_dim, kernel_size=kernel_size,
+                        dropout=dropout, rope_base=rope_base)
+        for _ in range(num_layers)
+    ]
+    return Conformer(blocks, activation_checkpointing=activation_checkpointing)

@@ -1,0 +1,149 @@
+"""Run configuration: a dataclass schema, YAML files, dotted command-line overrides.
+
+Everything is merged once (defaults <- YAML <- overrides) and the resolved result is written
+into the run directory, so a run is reproducible from its own ``config.yaml``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration cannot be used; one line naming the file or key."""
+
+
+@dataclass
+class ModelConfig:
+    llm: str = "smollm2"                  # "smollm2", a local HF model dir, or a .gguf file
+    dtype: str = "float32"
+    trust_remote_code: bool = False
+    # name -> {type: registry name or "pkg.module:obj", encoder: {...}, adapter: {...}}
+    modalities: dict[str, dict] = field(default_factory=dict)
+
+
+@dataclass
+class DataConfig:
+    # each source: {type: easy-vqa | manifest | folder | <modality-specific>, ...options, weight: 1.0}
+    sources: list[dict] = field(default_factory=list)
+    # per-modality preprocessing options for this stage, e.g. {image: {max_tiles: 1}}
+    preprocess: dict[str, dict] = field(default_factory=dict)
+    max_bad_fraction: float = 0.1         # stop with an error when more samples than this are bad
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_steps: int = 10
+    steps: int = 100
+    batch_size: int = 8
+    grad_clip: float = 1.0
+    schedule: str = "cosine"              # cosine | constant
+
+
+@dataclass
+class EvalConfig:
+    sources: list[dict] = field(default_factory=list)
+    limit: int = 0                        # 0: everything
+    batch_size: int = 32
+
+
+@dataclass
+class RunConfig:
+    stage: str = "custom"
+    objective: str = "lm"                 # lm | contrastive | best_rq
+    out: str = "runs/custom"
+    init_from: str | None = None          # an explicit earlier run directory, never guessed
+    seed: int = 0
+    trainable: list[str] = field(default_factory=list)   # module prefixes, e.g. image.xattn
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint_every: int = 50
+    log_every: int = 5
+    threads: int = 0                      # torch threads; 0 = torch's default
+    extra: dict[str, Any] = field(default_factory=dict)  # objective-specific options
+
+
+def _merge(dc_type, base, data: dict, where: str):
+    known = {f.name: f for f in dataclasses.fields(dc_type)}
+    out = {}
+    for k, v in data.items():
+        if k not in known:
+            raise ConfigError(f"{where}: unknown key {k!r} (known: {', '.join(sorted(known))})")
+        cur = getattr(base, k)
+        if dataclasses.is_dataclass(cur):
+            if not isinstance(v, dict):
+                raise ConfigError(f"{where}: {k} must be a mapping")
+            out[k] = _merge(type(cur), cur, v, f"{where}.{k}")
+        elif isinstance(cur, tuple) and isinstance(v, list):
+            out[k] = tuple(v)
+        else:
+            out[k] = v
+    return dataclasses.replace(base, **out)
+
+
+def _parse_value(text: str):
+    return yaml.safe_load(text)
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """``a.b.c=value`` strings (value parsed as YAML) into a nested dict."""
+    for ov in overrides:
+        if "=" not in ov:
+            raise ConfigError(f"override {ov!r}: expected key=value")
+        key, value = ov.split("=", 1)
+        node = data
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {ov!r}: {p} is not a mapping")
+        node[parts[-1]] = _parse_value(value)
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
+    """Defaults <- YAML file <- dotted overrides, validated against the schema."""
+    data: dict = {}
+    where = "config"
+    if path is not None:
+        path = Path(path)
+        where = str(path)
+        if not path.exists():
+            raise ConfigError(f"{path}: no such config file")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: top level must be a mapping")
+    data = apply_overrides(data, list(overrides))
+    return _merge(RunConfig, RunConfig(), data, where)
+
+
+def to_dict(cfg) -> dict:
+    d = dataclasses.asdict(cfg)
+
+    def fix(x):
+        if isinstance(x, tuple):
+            return list(x)
+        if isinstance(x, dict):
+            return {k: fix(v) for k, v in x.items()}
+        if isinstance(x, list):
+            return [fix(v) for v in x]
+        return x
+    return fix(d)
+
+
+def save_config(cfg: RunConfig, path: Path) -> None:
+    from mm.checkpoint import atomic_write_text
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

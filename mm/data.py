@@ -1,0 +1,259 @@
+"""Data: records from sources, tokenised samples, batches.
+
+A *record* is a dict from a manifest line or a built-in source, e.g.
+``{"image": "a.png", "text": "a red circle", "question": "..."}``: keys naming a modality of
+the model hold file paths (or lists of paths); ``text`` is the target; ``question`` the user
+text (else the modality's default prompt). Paths are resolved relative to the manifest.
+
+Notation: b=batch, t=text tokens, n=media items per sample.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mm.model import MediaInput
+from mm.prompts import encode, mark
+
+
+class DataError(ValueError):
+    """Bad data that stops a run (one line naming the file)."""
+
+
+class BadSample(ValueError):
+    """One sample cannot be used; training skips and counts it."""
+
+
+# -- sources -----------------------------------------------------------------------------
+def read_manifest(path: str | Path) -> list[dict]:
+    """JSONL manifest: one JSON object per line; relative paths resolved against its folder.
+    A bad line is not fatal here: it becomes a record that fails (and is counted) later."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such manifest")
+    out = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: manifest is not UTF-8 text") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            if not isinstance(rec, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as e:
+            out.append({"_error": f"{path}:{n}: not a JSON object ({str(e).splitlines()[0]})"})
+            continue
+        rec["_base"] = str(path.parent)
+        rec["_where"] = f"{path}:{n}"
+        out.append(rec)
+    return out
+
+
+def read_folder(path: str | Path, key: str, suffixes: tuple[str, ...]) -> list[dict]:
+    """A folder of media files, each with a same-named ``.txt`` caption."""
+    path = Path(path)
+    if not path.is_dir():
+        raise DataError(f"{path}: no such folder")
+    out = []
+    for f in sorted(path.iterdir()):
+        if f.suffix.lower() in suffixes:
+            cap = f.with_suffix(".txt")
+            text = cap.read_text(encoding="utf-8", errors="replace").strip() if cap.exists() else ""
+            out.append({key: str(f), "text": text, "_where": str(f)})
+    return out
+
+
+def load_source(src: dict, types: dict) -> list[dict]:
+    """Records of one data source entry of a config."""
+    src = dict(src)
+    kind = src.pop("type", None)
+    src.pop("weight", None)
+    if kind == "manifest":
+        return read_manifest(src["path"])
+    if kind == "folder":
+        name = src.get("modality", "image")
+        return read_folder(src["path"], name, types[name].suffixes)
+    if kind == "easy-vqa":
+        from mm.sources.easy_vqa import records
+        return records(**src)
+    for t in types.values():
+        if kind in t.sources:
+            return t.sources[kind](**src)
+    known = ["manifest", "folder", "easy-vqa"] + [k for t in types.values() for k in t.sources]
+    raise DataError(f"unknown data source type {kind!r}; known: {', '.join(known)}")
+
+
+# -- samples -----------------------------------------------------------------------------
+@dataclass
+class Sample:
+    ids: list[int]
+    labels: list[int]
+    media: dict[str, list[tuple[object, int]]]  # name -> [(item, position)]
+
+
+def _paths(rec: dict, name: str) -> list[Path]:
+    v = rec.get(name)
+    if v is None:
+        return []
+    vs = v if isinstance(v, list) else [v]
+    base = Path(rec.get("_base", "."))
+    return [p if p.is_absolute() else base / p for p in map(Path, vs)]
+
+
+def make_sample(rec: dict, *, model, types: dict, tokenizer, preprocess: dict, train: bool = True) -> Sample:
+    """Record -> tokenised sample with preprocessed media. Raises BadSample."""
+    where = rec.get("_where", "record")
+    if "_error" in rec:
+        raise BadSample(rec["_error"])
+    present = [n for n in model.modalities if rec.get(n) is not None]
+    text = rec.get("text")
+    if train and (not isinstance(text, str) or not text.strip()):
+        raise BadSample(f"{where}: missing or empty 'text'")
+    if not present and train:
+        raise BadSample(f"{where}: no media field (expected one of {sorted(model.modalities)})")
+    media: dict[str, list] = {}
+    counts: dict[str, list[int]] = {}
+    for n in present:
+        t, mod = types[n], model.modalities[n]
+        items = []
+        for p in _paths(rec, n):
+            try:
+                raw = t.read(p)
+                item = t.preprocess(raw, mod, **preprocess.get(n, {}))
+            except ValueError as e:
+                raise BadSample(str(e).splitlines()[0] if str(p) in str(e) else f"{p}: {e}") from None
+            items.append(item)
+        media[n] = items
+        if t.kind == "tokens":
+            counts[n] = [t.num_tokens(it, mod) + 2 for it in items]
+    question = rec.get("question")
+    if question is None:
+        question = rec.get("prompt") or (types[present[0]].prompt if present else "")
+    if not isinstance(question, str):
+        raise BadSample(f"{where}: 'question' must be text")
+    if "<|mm:" not in question:
+        question = question + "".join(mark(n) for n in present for _ in media[n])
+    enc = encode(tokenizer, question, text if train else None, media_tokens=counts)
+    placed: dict[str, list] = {n: [] for n in media}
+    for name, pos in enc.media:
+        if name not in media or len(placed[name]) >= len(media[name]):
+            raise BadSample(f"{where}: prompt marks a {name} that the record does not have")
+        placed[name].append((media[name][len(placed[name])], pos))
+    return Sample(ids=enc.ids, labels=enc.labels, media=placed)
+
+
+# -- batches -----------------------------------------------------------------------------
+@dataclass
+class Batch:
+    input_ids: torch.Tensor       # (b, t) left-padded
+    attention_mask: torch.Tensor  # (b, t)
+    labels: torch.Tensor          # (b, t), -100 where no loss
+    media: dict[str, MediaInput]
+
+    def to(self, device) -> "Batch":
+        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device),
+                     {k: v.to(device) for k, v in self.media.items()})
+
+
+def _shared_prefix(samples: list[Sample]) -> int:
+    """Leading tokens common to every sample and left of every media item and label."""
+    first = samples[0].ids
+    n = min(len(s.ids) for s in samples)
+    for s in samples:
+        n = min([n] + [pos for items in s.media.values() for _, pos in items]
+                + [i for i, l in enumerate(s.labels) if l != -100][:1])
+        k = 0
+        while k < n and s.ids[k] == first[k]:
+            k += 1
+        n = k
+    return n
+
+
+def collate(samples: list[Sample], *, types: dict, pad_id: int) -> Batch:
+    """Pad a batch as ``[shared prefix][padding][rest]``: tokens common to every sample (the
+    chat template's system prompt) stay column-aligned at the left, so the model computes
+    them once; the rest is right-aligned, so generation appends at the same column."""
+    b = len(samples)
+    t = max(len(s.ids) for s in samples)
+    shared = _shared_prefix(samples) if b > 1 else 0
+    ids = torch.full((b, t), pad_id, dtype=torch.long)
+    att = torch.zeros(b, t, dtype=torch.long)
+    labels = torch.full((b, t), -100, dtype=torch.long)
+    offsets = []
+    for i, s in enumerate(samples):
+        off = t - len(s.ids)  # padding inserted after the shared prefix
+        offsets.append(off)
+        ids[i, :shared] = torch.tensor(s.ids[:shared], dtype=torch.long)
+        att[i, :shared] = 1
+        ids[i, shared + off:] = torch.tensor(s.ids[shared:], dtype=torch.long)
+        att[i, shared + off:] = 1
+        labels[i, shared + off:] = torch.tensor(s.labels[shared:], dtype=torch.long)
+    media = {}
+    for name in sorted({n for s in samples for n in s.media}):
+        n = max(len(s.media.get(name, [])) for s in samples)
+        if n == 0:
+            continue
+        first = next(s.media[name][0][0] for s in samples if s.media.get(name))
+        blank = types[name].make_empty(first)
+        items, valid, pos = [], torch.zeros(b, n, dtype=torch.bool), torch.zeros(b, n, dtype=torch.long)
+        for i, s in enumerate(samples):
+            got = s.media.get(name, [])
+            for j in range(n):
+                if j < len(got):
+                    items.append(got[j][0])
+                    valid[i, j] = True
+                    # cross-attention: token position (padding does not count); token
+                    # embeddings: the column where the placeholders start
+                    pos[i, j] = got[j][1] if types[name].kind == "xattn" else got[j][1] + offsets[i]
+                else:
+                    items.append(blank)
+        media[name] = MediaInput(inputs=types[name].collate(items), valid=valid, positions=pos)
+    return Batch(ids, att, labels, media)
+
+
+class SampleStream:
+    """Deterministic batches: batch ``k`` depends only on (seed, k), so a run resumes at the
+    exact data position from the step count alone. Sources are mixed by weight; samples are
+    drawn with replacement. Bad samples are skipped, counted and replaced."""
+
+    def __init__(self, sources: list[tuple[list[dict], float]], *, make, seed: int, max_bad_fraction: float):
+        self.sources = [(recs, w) for recs, w in sources if recs]
+        if not self.sources:
+            raise DataError("no training records: every data source is empty")
+        self.make = make
+        self.seed = seed
+        self.max_bad_fraction = max_bad_fraction
+        self.seen = 0
+        self.bad = 0
+        self.bad_examples: list[str] = []
+
+    def batch(self, k: int, size: int) -> list[Sample]:
+        rng = random.Random(self.seed * 1_000_003 + k)
+        weights = [w for _, w in self.sources]
+        out = []
+        tries = 0
+        while len(out) < size:
+            recs, _ = rng.choices(self.sources, weights)[0]
+            rec = recs[rng.randrange(len(recs))]
+            self.seen += 1
+            tries += 1
+            try:
+                out.append(self.make(rec))
+            except BadSample as e:
+                self.bad += 1
+                if len(self.bad_examples) < 20:
+                    self.bad_examples.append(str(e))
+                if self.seen >= 20 and self.bad / self.seen > self.max_bad_fraction:
+                    raise DataError(f"{self.bad} of {self.seen} samples were bad (more than "
+                                    f"{self.max_bad_fraction:.0%}); first: {self.bad_examples[0]}") from None
+                if tries > 50 * size:
+                    raise DataError(f"could not assemble a batch: {self.bad_examples[-1]}") from None
+        return out

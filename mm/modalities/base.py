@@ -1,0 +1,90 @@
+"""The extension API for a modality.
+
+Notation: b=batch, m=media tokens, e=feature width, d=LLM width.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from mm.modality import Modality
+
+
+@dataclass(frozen=True)
+class LLMShape:
+    """What an adapter builder needs to know of the frozen LLM."""
+
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    norm_eps: float = 1e-5
+
+
+def llm_shape(config) -> LLMShape:
+    c = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return LLMShape(dim=c.hidden_size, n_layers=c.num_hidden_layers, n_heads=c.num_attention_heads,
+                    n_kv_heads=getattr(c, "num_key_value_heads", None) or c.num_attention_heads,
+                    norm_eps=getattr(c, "rms_norm_eps", 1e-5))
+
+
+def xattn_layers(n_layers: int, *, every: int = 4, first: int | None = None,
+                 layers: list[int] | None = None) -> list[int]:
+    """Decoder layer indices that get a cross-attention block before them: explicit
+    ``layers``, or one before every ``every``-th layer (0-based ``every-1, 2*every-1, ...``),
+    optionally only from ``first`` on."""
+    if layers is not None:
+        return sorted(layers)
+    out = [i for i in range(every - 1, n_layers, every)]
+    if first is not None:
+        out = [i for i in out if i >= first]
+    if not out:
+        raise ValueError(f"no cross-attention layer: every={every}, first={first}, n_layers={n_layers}")
+    return out
+
+
+def stack_items(items: list[dict]) -> dict:
+    """Batch per-item dicts of equal-shaped tensors."""
+    return {k: torch.stack([it[k] for it in items]) if torch.is_tensor(items[0][k]) else [it[k] for it in items]
+            for k in items[0]}
+
+
+@dataclass
+class ModalityType:
+    """Everything the library needs to know about one modality.
+
+    Attributes:
+        name: default name (also the manifest key holding the input's path, e.g. ``image``).
+        kind: ``"xattn"`` (cross-attention) or ``"tokens"`` (token embeddings).
+        build: ``build(llm: LLMShape, **options) -> Modality``; options come from the YAML.
+        read: ``read(path: Path) -> raw``; raises ValueError with one line naming the file.
+        preprocess: ``preprocess(raw, modality: Modality, **options) -> item`` (tensors).
+        collate: ``collate(items) -> encoder inputs`` for a batch of items.
+        empty: ``empty(item) -> item`` an all-padding item shaped like ``item``.
+        num_tokens: for ``"tokens"``: ``num_tokens(item, modality) -> int`` placeholders.
+        suffixes: file suffixes by which the CLI recognises this modality's inputs.
+        prompt: default instruction when the user gives no text.
+    """
+
+    name: str
+    kind: str
+    build: Callable[..., Modality]
+    read: Callable[[Path], Any]
+    preprocess: Callable[..., Any]
+    collate: Callable[[list], Any] = stack_items
+    empty: Callable[[Any], Any] | None = None
+    num_tokens: Callable[[Any, Modality], int] | None = None
+    suffixes: tuple[str, ...] = ()
+    prompt: str = "Describe this."
+    sources: dict[str, Callable[..., list[dict]]] = field(default_factory=dict)
+
+    def make_empty(self, item):
+        if self.empty is not None:
+            return self.empty(item)
+        if isinstance(item, dict):
+            return {k: torch.zeros_like(v) if torch.is_tensor(v) else v for k, v in item.items()}
+        return torch.zeros_like(item)

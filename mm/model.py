@@ -1,0 +1,359 @@
+"""MultimodalLM: a frozen Hugging Face causal LM plus modality encoders and adapters.
+
+Notation: b=batch, t=text tokens, n=media items per sample, m=media tokens, d=LLM width.
+
+The LLM object is never modified: no parameter is renamed, wrapped or replaced. Cross-
+attention adapters run through forward pre-hooks on the chosen decoder layers; the media
+states reach them as a keyword argument that transformers 5.x passes from the model's
+forward down to every decoder layer. Token-embedding modalities (speech) write their
+embeddings into ``inputs_embeds`` at placeholder positions. So ``model.llm.state_dict()``
+is the original checkpoint, key for key and bit for bit.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mm.modality import Modality
+
+MEDIA_KWARG = "mm_media"
+
+
+@dataclass
+class MediaInput:
+    """One modality's inputs for a batch.
+
+    Attributes:
+        inputs: what the modality's encoder takes for all (b * n) items, e.g. pixels.
+        valid: (b, n) bool, which items exist (samples may have fewer than n).
+        positions: (b, n) long. Cross-attention: the first text position that sees the item.
+            Token embeddings: the position of the item's first placeholder token.
+    """
+
+    inputs: object
+    valid: torch.Tensor
+    positions: torch.Tensor
+
+    def to(self, device) -> "MediaInput":
+        move = (lambda x: x.to(device) if torch.is_tensor(x) else
+                {k: v.to(device) if torch.is_tensor(v) else v for k, v in x.items()} if isinstance(x, dict) else x)
+        return MediaInput(move(self.inputs), self.valid.to(device), self.positions.to(device))
+
+
+@dataclass
+class CrossMedia:
+    """Encoded media of one cross-attention modality, ready for every adapter layer."""
+
+    kv: dict[int, tuple[torch.Tensor, torch.Tensor]]  # layer index -> (k, v), each (b, k, m, c)
+    start: torch.Tensor  # (b, m) first text position that sees each media token
+    valid: torch.Tensor  # (b, m) bool
+    _mask_cache: dict = field(default_factory=dict)
+
+    def mask(self, position_ids: torch.Tensor) -> torch.Tensor:
+        """(b, t, m) bool: text position sees media token. Memoised per call's positions."""
+        key = (position_ids.data_ptr(), tuple(position_ids.shape))
+        if key not in self._mask_cache:
+            self._mask_cache.clear()
+            pos = position_ids.expand(self.start.shape[0], -1)  # (b, t)
+            self._mask_cache[key] = (pos[:, :, None] >= self.start[:, None, :]) & self.valid[:, None, :]
+        return self._mask_cache[key]
+
+
+def default_positions(input_ids: torch.Tensor, attention_mask, cache) -> torch.Tensor:
+    """Positions counted from each row's first real token (left padding aware)."""
+    past = cache.get_seq_length() if cache is not None else 0
+    if attention_mask is not None and past == 0:
+        return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (b, t)
+    return torch.arange(past, past + input_ids.shape[1], device=input_ids.device)[None]  # (1, t)
+
+
+class MultimodalLM(nn.Module):
+    """A frozen causal LM with modalities attached.
+
+    Args:
+        llm: a transformers decoder-only causal LM; it must already be frozen.
+        modalities: name -> :class:`Modality` (encoder + adapter).
+    """
+
+    def __init__(self, llm: nn.Module, modalities: dict[str, Modality] | None = None):
+        super().__init__()
+        self.llm = llm
+        self.modalities = nn.ModuleDict(modalities or {})
+        self.decoder = llm.get_decoder()
+        self.layers = self.decoder.layers
+        params = inspect.signature(self.decoder.forward).parameters
+        # transformers renamed past_key_values -> cache (5.2x); accept both.
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self._hooks = []
+        self.kv_projections = 0  # counts project_kv calls (tests prove K/V are made once)
+        for name, mod in self.modalities.items():
+            self._check_modality(name, mod)
+        self._install_hooks()
+
+    # -- structure -------------------------------------------------------------------
+    def _check_modality(self, name: str, mod: Modality) -> None:
+        n = len(self.layers)
+        if mod.kind == "xattn":
+            bad = [i for i in mod.layer_indices if not 0 <= i < n]
+            if bad:
+                raise ValueError(f"modality {name}: adapter layers {bad} outside the LLM's 0..{n - 1}")
+
+    def add_modality(self, name: str, mod: Modality) -> None:
+        self._check_modality(name, mod)
+        self.modalities[name] = mod
+        self._install_hooks()
+
+    def _install_hooks(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        for i in sorted({i for m in self.modalities.values() if m.kind == "xattn" for i in m.layer_indices}):
+            self._hooks.append(self.layers[i].register_forward_pre_hook(self._make_hook(i), with_kwargs=True))
+
+    def _make_hook(self, index: int):
+        def hook(module, args, kwargs):
+            media = kwargs.pop(MEDIA_KWARG, None)
+            if not media:
+                return args, kwargs
+            if args:
+                x, rest = args[0], args[1:]
+            else:
+                x, rest = kwargs.pop("hidden_states"), ()
+            pos = kwargs.get("position_ids")
+            for name, state in media.items():
+                if not isinstance(state, CrossMedia) or index not in state.kv:
+                    continue
+                x = self.modalities[name].xattn[str(index)](x, state.kv[index], state.mask(pos))
+            return (x, *rest), kwargs
+        return hook
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.llm.eval()  # the frozen LLM never runs dropout or anything train-specific
+        return self
+
+    def trainable_parameters(self):
+        return [p for p in self.parameters() if p.requires_grad]
+
+    # -- media -----------------------------------------------------------------------
+    def encode_media(self, media: dict[str, MediaInput] | None, batch: int) -> tuple[dict, dict]:
+        """Run the encoders once. Returns (cross-attention states, token embeddings)."""
+        cross, tokens = {}, {}
+        for name, mi in (media or {}).items():
+            if name not in self.modalities:
+                raise KeyError(f"no modality {name!r} in this model (have: {sorted(self.modalities)})")
+            mod = self.modalities[name]
+            n = mi.valid.shape[1]
+            if n == 0 or not bool(mi.valid.any()):
+                continue
+            feats, fmask = mod.encode(mi.inputs)  # (b*n, m, e), (b*n, m)
+            m = feats.shape[1]
+            if mod.kind == "xattn":
+                feats = feats.reshape(batch, n * m, -1)
+                valid = (fmask.reshape(batch, n, m) & mi.valid[:, :, None]).reshape(batch, n * m)
+                start = mi.positions[:, :, None].expand(batch, n, m).reshape(batch, n * m)
+                kv = {}
+                for i, layer in mod.xattn.items():
+                    kv[int(i)] = layer.project_kv(feats)
+                    self.kv_projections += 1
+                cross[name] = CrossMedia(kv=kv, start=start, valid=valid)
+            else:
+                emb, emask = mod.embed(feats, fmask)  # (b*n, m2, d), (b*n, m2)
+                tokens[name] = (emb.reshape(batch, n, *emb.shape[1:]), emask.reshape(batch, n, -1), mi)
+        return cross, tokens
+
+    def _embed(self, input_ids: torch.Tensor, tokens: dict, column_offset: int = 0) -> torch.Tensor:
+        emb = self.llm.get_input_embeddings()(input_ids)  # (b, t, d)
+        if not tokens:
+            return emb
+        emb = emb.clone()
+        for name, (e, emask, mi) in tokens.items():
+            for bi, ni in mi.valid.nonzero().tolist():
+                k = int(emask[bi, ni].sum())
+                p = int(mi.positions[bi, ni]) - column_offset
+                if p < 0:
+                    raise ValueError("token-embedding media must lie right of the shared text prefix")
+                emb[bi, p:p + k] = e[bi, ni, :k].to(emb.dtype)
+        return emb
+
+    # -- forward ---------------------------------------------------------------------
+    def hidden_states(self, input_ids: torch.Tensor, *, attention_mask=None, position_ids=None,
+                      media: dict[str, MediaInput] | None = None, cache=None, encoded=None,
+                      use_cache: bool = False, column_offset: int = 0):
+        """Run the LLM with media. Returns (last hidden states (b, t, d), cache).
+
+        ``column_offset``: column of ``input_ids[:, 0]`` in the full sequence (token-embedding
+        media positions are columns of the full sequence).
+        """
+        b = input_ids.shape[0]
+        cross, tokens = encoded if encoded is not None else self.encode_media(media, b)
+        kwargs = {self._cache_kw: cache, "use_cache": use_cache}
+        if cross:
+            kwargs[MEDIA_KWARG] = cross
+        if position_ids is None:
+            position_ids = default_positions(input_ids, attention_mask, cache)
+        if tokens:
+            out = self.decoder(inputs_embeds=self._embed(input_ids, tokens, column_offset),
+                               attention_mask=attention_mask, position_ids=position_ids, **kwargs)
+        else:
+            out = self.decoder(input_ids=input_ids, attention_mask=attention_mask,
+                               position_ids=position_ids, **kwargs)
+        return out.last_hidden_state, getattr(out, self._cache_kw, None)
+
+    def new_cache(self):
+        from transformers import DynamicCache
+        return DynamicCache(config=self.llm.config)
+
+    def first_media_column(self, attention_mask: torch.Tensor, media: dict[str, MediaInput] | None) -> int:
+        """The first column at which any row has media: everything left of it is text only."""
+        t = attention_mask.shape[1]
+        first = t
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (b, t)
+        for name, mi in (media or {}).items():
+            if not bool(mi.valid.any()):
+                continue
+            if self.modalities[name].kind == "xattn":  # positions -> first column with that position
+                seen = (positions[:, None, :] >= mi.positions[:, :, None]) & (attention_mask[:, None, :] > 0)
+                col = seen.long().argmax(-1)  # (b, n)
+            else:
+                col = mi.positions
+            first = min(first, int(col[mi.valid].min()))
+        return first
+
+    def run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
+            media: dict[str, MediaInput] | None = None, use_cache: bool = False, share_prefix: bool = True):
+        """Hidden states for a padded batch, computing the text-only prefix cheaply.
+
+        Text left of the first media depends on the text alone (the LLM is frozen and no
+        adapter acts there), so it runs without gradients through the KV cache: columns that
+        are the same in every row (a system prompt) once for the whole batch, the rest once
+        per distinct row. Only the columns from the first media on run with media and
+        gradients. Batches are laid out ``[shared prefix][padding][rest]`` by
+        :func:`mm.data.collate` so that the shared part is column-aligned.
+
+        Returns (hidden states of columns ``start..t``, cache, start, encoded media).
+        """
+        b, t = input_ids.shape
+        encoded = self.encode_media(media, b)
+        p = min(self.first_media_column(attention_mask, media), t - 1) if share_prefix else 0
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (b, t)
+        cache = self.new_cache() if (use_cache or p > 0) else None
+        if p > 0:
+            same = ((input_ids == input_ids[:1]) & (attention_mask == 1)).all(0)  # (t,)
+            shared = int(same[:p].long().cumprod(0).sum()) if b > 1 else p
+            with torch.no_grad():
+                if shared:
+                    _, cache = self.hidden_states(input_ids[:1, :shared], attention_mask=attention_mask[:1, :shared],
+                                                  position_ids=positions[:1, :shared], cache=cache,
+                                                  use_cache=True, encoded=({}, {}))
+                if p > shared:
+                    rows = torch.cat([input_ids[:, shared:p], attention_mask[:, shared:p]], dim=1)
+                    uniq, inverse = torch.unique(rows, dim=0, return_inverse=True)
+                    n, w = uniq.shape[0], p - shared
+                    full = torch.cat([attention_mask.new_ones(n, shared), uniq[:, w:]], dim=1)
+                    if shared and n > 1:
+                        cache.batch_repeat_interleave(n)
+                    _, cache = self.hidden_states(uniq[:, :w], attention_mask=full,
+                                                  position_ids=(full.cumsum(-1) - 1).clamp(min=0)[:, shared:],
+                                                  cache=cache, use_cache=True, encoded=({}, {}))
+                    if n != b or not torch.equal(inverse, torch.arange(b, device=inverse.device)):
+                        cache.reorder_cache(inverse)
+                elif b > 1:
+                    cache.batch_repeat_interleave(b)
+        h, cache = self.hidden_states(input_ids[:, p:], attention_mask=attention_mask,
+                                      position_ids=positions[:, p:], cache=cache,
+                                      use_cache=use_cache, encoded=encoded, column_offset=p)
+        return h, cache, p, encoded
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """LM head (with the model's logit soft-capping, if it has one)."""
+        logits = self.llm.get_output_embeddings()(hidden)
+        cap = getattr(self.llm.config, "final_logit_softcapping", None)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def forward(self, input_ids: torch.Tensor, *, attention_mask=None, position_ids=None,
+                media: dict[str, MediaInput] | None = None) -> torch.Tensor:
+        """Full logits (b, t, vocab). Training uses :meth:`loss`, which never builds them."""
+        h, _ = self.hidden_states(input_ids, attention_mask=attention_mask,
+                                  position_ids=position_ids, media=media)
+        return self.logits(h)
+
+    def loss(self, input_ids: torch.Tensor, labels: torch.Tensor, *, attention_mask=None,
+             media: dict[str, MediaInput] | None = None, chunk: int = 4096) -> torch.Tensor:
+        """Mean next-token cross-entropy over positions whose label is not -100.
+
+        Only labelled positions go through the LM head, in chunks, so a large vocabulary
+        never materialises (b, t, vocab) logits.
+        """
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        h, _, p, _ = self.run(input_ids, attention_mask, media=media)
+        target = labels[:, p + 1:]
+        h = h[:, :target.shape[1]]
+        sel = target != -100
+        hs, ts = h[sel], target[sel]  # (s, d), (s,)
+        if ts.numel() == 0:
+            return h.sum() * 0.0
+        total = h.new_zeros(())
+        for i in range(0, ts.numel(), chunk):
+            total = total + F.cross_entropy(self.logits(hs[i:i + chunk]).float(), ts[i:i + chunk], reduction="sum")
+        return total / ts.numel()
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
+                 media: dict[str, MediaInput] | None = None, max_new_tokens: int = 32,
+                 eos_token_id: int | list[int] | None = None, use_cache: bool = True) -> torch.Tensor:
+        """Greedy decoding of a left-padded batch. Media are encoded and their cross-attention
+        keys/values projected once, at prefill; every step reuses them. Returns (b, new) ids,
+        with positions after a row's end-of-sequence filled with the end token."""
+        eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
+        b = input_ids.shape[0]
+        if not use_cache:  # reference path: recompute everything at every step
+            out = []
+            ids, att = input_ids, attention_mask
+            for _ in range(max_new_tokens):
+                h, _, _, _ = self.run(ids, att, media=media, share_prefix=False)
+                nxt = self.logits(h[:, -1]).argmax(-1)
+                out.append(nxt)
+                ids = torch.cat([ids, nxt[:, None]], 1)
+                att = torch.cat([att, att.new_ones(b, 1)], 1)
+                if eos and all(any(int(x) in eos for x in row) for row in torch.stack(out, 1)):
+                    break
+            return self._finish(torch.stack(out, 1), eos)
+        h, cache, _, encoded = self.run(input_ids, attention_mask, media=media, use_cache=True)
+        cross = encoded[0]
+        pos = attention_mask.long().sum(-1, keepdim=True) - 1  # (b, 1) last position
+        att = attention_mask
+        nxt = self.logits(h[:, -1]).argmax(-1)
+        out = [nxt]
+        done = torch.tensor([int(x) in eos for x in nxt], device=nxt.device)
+        for _ in range(max_new_tokens - 1):
+            if bool(done.all()):
+                break
+            att = torch.cat([att, att.new_ones(b, 1)], 1)
+            pos = pos + 1
+            h, cache = self.hidden_states(nxt[:, None], attention_mask=att, position_ids=pos, cache=cache,
+                                          use_cache=True, encoded=(cross, {}))
+            nxt = self.logits(h[:, -1]).argmax(-1)
+            out.append(nxt)
+            done = done | torch.tensor([int(x) in eos for x in nxt], device=nxt.device)
+        return self._finish(torch.stack(out, 1), eos)
+
+    @staticmethod
+    def _finish(ids: torch.Tensor, eos: set) -> torch.Tensor:
+        if not eos:
+            return ids
+        fill = next(iter(eos))
+        ids = ids.clone()
+        for row in ids:
+            hit = [i for i, x in enumerate(row.tolist()) if x in eos]
+            if hit:
+                row[hit[0]:] = fill
+        return ids

@@ -1,0 +1,127 @@
+"""Training objectives. A stage picks one by name in its YAML (``objective:``).
+
+Each objective turns a step number into a batch (deterministically, so resuming needs only
+the step) and a batch into a loss. Extra trainable modules that exist only for training (a
+CLIP text tower, BEST-RQ heads) live in ``objective.modules`` and are checkpointed with it.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from torch import nn
+
+from mm.config import RunConfig
+from mm.data import SampleStream, collate, load_source, make_sample
+
+
+class LMObjective:
+    """Next-token loss on the answer tokens, LLM frozen (adapter training and SFT)."""
+
+    def __init__(self, cfg: RunConfig, model, types: dict, tokenizer):
+        self.cfg = cfg
+        self.model = model
+        self.types = types
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.modules = nn.ModuleDict()
+        make = partial(make_sample, model=model, types=types, tokenizer=tokenizer, preprocess=cfg.data.preprocess)
+        sources = [(load_source(s, types), float(s.get("weight", 1.0))) for s in cfg.data.sources]
+        self.stream = SampleStream(sources, make=make, seed=cfg.seed, max_bad_fraction=cfg.data.max_bad_fraction)
+
+    def batch(self, step: int):
+        return collate(self.stream.batch(step, self.cfg.optim.batch_size), types=self.types, pad_id=self.pad_id)
+
+    def loss(self, batch) -> tuple[torch.Tensor, dict]:
+        loss = self.model.loss(batch.input_ids, batch.labels, attention_mask=batch.attention_mask, media=batch.media)
+        return loss, {"tokens": int(batch.attention_mask.sum()), "samples": batch.input_ids.shape[0]}
+
+
+class ContrastiveObjective:
+    """CLIP pre-training of an image encoder's ViT on image-text pairs (open_clip's loss).
+
+    The text tower is a small open_clip text transformer that exists only for this stage.
+    ``extra``: ``modality`` (default image), ``embed_dim``, ``text_width``, ``text_layers``.
+    """
+
+    def __init__(self, cfg: RunConfig, model, types: dict, tokenizer):
+        import open_clip
+        from open_clip.model import CLIPTextCfg, _build_text_tower
+
+        self.cfg = cfg
+        ex = cfg.extra
+        self.name = ex.get("modality", "image")
+        self.type = types[self.name]
+        self.mod = model.modalities[self.name]
+        self.vit = self.mod.encoder.vit
+        width = self.vit.transformer.width
+        dim = int(ex.get("embed_dim", 64))
+        text = _build_text_tower(dim, CLIPTextCfg(context_length=int(ex.get("context_length", 16)),
+                                                  width=int(ex.get("text_width", 64)), heads=4,
+                                                  layers=int(ex.get("text_layers", 2))))
+        self.modules = nn.ModuleDict({
+            "text": text,
+            "image_proj": nn.Linear(width, dim, bias=False),
+            "logit_scale": _Scalar(torch.log(torch.tensor(1 / 0.07))),
+        })
+        self.context_length = text.context_length
+        self.tokenize = open_clip.get_tokenizer("ViT-B-32")
+        self.clip_loss = open_clip.ClipLoss()
+        make = self._make
+        sources = [(load_source(s, types), float(s.get("weight", 1.0))) for s in cfg.data.sources]
+        self.stream = SampleStream(sources, make=make, seed=cfg.seed, max_bad_fraction=cfg.data.max_bad_fraction)
+
+    def _make(self, rec):
+        from mm.data import BadSample, _paths
+        if "_error" in rec:
+            raise BadSample(rec["_error"])
+        paths = _paths(rec, self.name)
+        text = rec.get("text")
+        if not paths or not isinstance(text, str) or not text.strip():
+            raise BadSample(f"{rec.get('_where', 'record')}: needs a {self.name} and a non-empty 'text'")
+        try:
+            item = self.type.preprocess(self.type.read(paths[0]), self.mod, **{"max_tiles": 1, **self.cfg.data.preprocess.get(self.name, {})})
+        except ValueError as e:
+            raise BadSample(str(e).splitlines()[0]) from None
+        return item, text
+
+    def batch(self, step: int):
+        items = self.stream.batch(step, self.cfg.optim.batch_size)
+        pixels = torch.stack([it["pixels"][0] for it, _ in items])  # first tile, (b, 3, s, s)
+        tokens = self.tokenize([t for _, t in items])[:, : self.context_length]
+        return pixels, tokens
+
+    def loss(self, batch) -> tuple[torch.Tensor, dict]:
+        pixels, tokens = batch
+        pooled = self.vit(pixels)  # (b, w)
+        img = nn.functional.normalize(self.modules["image_proj"](pooled), dim=-1)
+        txt = nn.functional.normalize(self.modules["text"](tokens), dim=-1)
+        scale = self.modules["logit_scale"].value.exp().clamp(max=100)
+        loss = self.clip_loss(img, txt, scale)
+        with torch.no_grad():
+            acc = ((img @ txt.T).argmax(-1) == torch.arange(len(img))).float().mean().item()
+        return loss, {"samples": len(img), "retrieval_acc": acc}
+
+
+class _Scalar(nn.Module):
+    def __init__(self, value: torch.Tensor):
+        super().__init__()
+        self.value = nn.Parameter(value.clone())
+
+
+OBJECTIVES = {"lm": LMObjective, "contrastive": ContrastiveObjective}
+
+
+def register_objective(name: str, cls) -> None:
+    OBJECTIVES[name] = cls
+
+
+def get_objective(name: str):
+    if name not in OBJECTIVES:
+        try:
+            import mm.modalities.speech  # noqa: F401  (registers best_rq when speech is installed)
+        except ImportError:
+            pass
+    if name not in OBJECTIVES:
+        raise KeyError(f"unknown objective {name!r}; choose one of {', '.join(sorted(OBJECTIVES))}")
+    return OBJECTIVES[name]

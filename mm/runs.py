@@ -1,0 +1,113 @@
+"""Building a model from a config, and saving / loading runs.
+
+A run directory holds ``config.yaml`` (resolved), ``metrics.jsonl``, ``checkpoints/`` (only
+what trains, plus optimizer and data position, for resuming) and ``model/`` (every weight
+outside the LLM, safetensors, plus ``model.json``): enough to rebuild the model in a fresh
+process from the run directory alone (and the dotted paths of user modalities).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from mm.checkpoint import CheckpointError, load_tensors, save_tensors, atomic_write_text
+from mm.config import ConfigError, ModelConfig, RunConfig, load_config
+from mm.llm import FrozenLLM, load_frozen_llm, text_fingerprint
+from mm.modalities import ModalityType, get_type, llm_shape
+from mm.model import MultimodalLM
+
+log = logging.getLogger("mm")
+
+_LLM_CACHE: dict = {}
+
+
+def get_llm(cfg: ModelConfig) -> FrozenLLM:
+    """Load the frozen LLM (memoised per process: stages of a demo share it)."""
+    key = (cfg.llm, cfg.dtype, cfg.trust_remote_code)
+    if key not in _LLM_CACHE:
+        _LLM_CACHE[key] = load_frozen_llm(cfg.llm, dtype=getattr(torch, cfg.dtype),
+                                          trust_remote_code=cfg.trust_remote_code)
+    return _LLM_CACHE[key]
+
+
+def modality_types(cfg: ModelConfig) -> dict[str, ModalityType]:
+    return {name: get_type(spec.get("type", name)) for name, spec in cfg.modalities.items()}
+
+
+def build_model(cfg: ModelConfig) -> tuple[MultimodalLM, FrozenLLM, dict[str, ModalityType]]:
+    """Frozen LLM + the configured modalities (fresh weights)."""
+    llm = get_llm(cfg)
+    types = modality_types(cfg)
+    shape = llm_shape(llm.model.config)
+    mods = {}
+    for name, spec in cfg.modalities.items():
+        opts = {k: v for k, v in spec.items() if k != "type"}
+        try:
+            mods[name] = types[name].build(shape, **opts)
+        except TypeError as e:
+            raise ConfigError(f"model.modalities.{name}: {e}") from None
+        if mods[name].kind != types[name].kind:
+            raise ConfigError(f"modality {name}: built a {mods[name].kind!r} module, type says {types[name].kind!r}")
+    return MultimodalLM(llm.model, mods), llm, types
+
+
+def modality_state(model: MultimodalLM) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in model.modalities.state_dict().items()}
+
+
+def save_model(model: MultimodalLM, llm: FrozenLLM, cfg: RunConfig, out: Path) -> None:
+    """Everything outside the LLM, on its own (never mixed into the LLM's weights)."""
+    out = Path(out)
+    save_tensors(out / "model" / "modalities.safetensors", modality_state(model),
+                 {"stage": cfg.stage, "llm_fingerprint": llm.fingerprint})
+    atomic_write_text(out / "model" / "model.json", json.dumps({
+        "llm": cfg.model.llm, "llm_fingerprint": llm.fingerprint, "stage": cfg.stage,
+        "modalities": {n: {"type": s.get("type", n), "kind": model.modalities[n].kind}
+                       for n, s in cfg.model.modalities.items()}}, indent=2))
+
+
+def load_weights(model: MultimodalLM, run_dir: Path, *, strict: bool = True) -> list[str]:
+    """Load ``run_dir/model/modalities.safetensors`` into the model. Returns missing keys
+    (modalities the earlier run did not have) when not strict."""
+    path = Path(run_dir) / "model" / "modalities.safetensors"
+    if not path.exists():
+        raise CheckpointError(f"{path}: no saved model in {run_dir} (did that run finish?)")
+    tensors, _ = load_tensors(path)
+    own = model.modalities.state_dict()
+    unknown = [k for k in tensors if k not in own]
+    shape = [k for k in tensors if k in own and own[k].shape != tensors[k].shape]
+    if shape:
+        raise CheckpointError(f"{path}: {len(shape)} tensors have other shapes than this model's, e.g. "
+                              f"{shape[0]} {tuple(tensors[shape[0]].shape)} vs {tuple(own[shape[0]].shape)}")
+    missing = [k for k in own if k not in tensors]
+    if strict and (missing or unknown):
+        raise CheckpointError(f"{path}: does not match the model (missing {missing[:3]}, unexpected {unknown[:3]})")
+    model.modalities.load_state_dict({k: v for k, v in tensors.items() if k in own}, strict=False)
+    return missing
+
+
+def load_run(run_dir: str | Path, *, llm: str | None = None) -> tuple[MultimodalLM, FrozenLLM, dict, RunConfig]:
+    """Rebuild a trained model from its run directory (in a fresh process)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").exists():
+        raise ConfigError(f"{run_dir}: not a run directory (no config.yaml)")
+    cfg = load_config(run_dir / "config.yaml")
+    if llm:
+        cfg.model.llm = llm
+    model, frozen, types = build_model(cfg.model)
+    load_weights(model, run_dir)
+    meta = json.loads((run_dir / "model" / "model.json").read_text())
+    if meta.get("llm_fingerprint") and meta["llm_fingerprint"] != frozen.fingerprint:
+        log.warning("%s: the LLM differs from the one this run was trained on", run_dir)
+    model.eval()
+    return model, frozen, types, cfg
+
+
+def check_fingerprint(model: MultimodalLM, llm: FrozenLLM) -> None:
+    now = text_fingerprint(model.llm)
+    if now != llm.fingerprint:
+        raise RuntimeError(f"the frozen LLM's weights changed (fingerprint {llm.fingerprint[:12]} -> {now[:12]})")

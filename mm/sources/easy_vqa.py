@@ -1,0 +1,45 @@
+"""easy-VQA (the PyPI package ``easy-vqa``, MIT): 64x64 images of one coloured shape with
+questions and answers. Captions ("a red circle") are derived from each image's answers."""
+
+from __future__ import annotations
+
+COLORS = ("red", "green", "blue", "black", "gray", "teal", "brown", "yellow")
+SHAPES = ("circle", "rectangle", "triangle")
+
+
+def _load(split: str):
+    import easy_vqa
+    if split not in ("train", "test"):
+        raise ValueError(f"easy-vqa: split must be train or test, not {split!r}")
+    qs, answers, ids = easy_vqa.get_train_questions() if split == "train" else easy_vqa.get_test_questions()
+    paths = easy_vqa.get_train_image_paths() if split == "train" else easy_vqa.get_test_image_paths()
+    return qs, answers, ids, paths
+
+
+def captions(split: str) -> dict[int, str]:
+    """image id -> "a {color} {shape}", from the answers of its questions."""
+    qs, answers, ids, _ = _load(split)
+    color, shape = {}, {}
+    for q, a, i in zip(qs, answers, ids):
+        if a in COLORS and "color" in q:
+            color[i] = a
+        elif a in SHAPES and ("what shape" in q or q.startswith("what is the")):
+            shape[i] = a
+    return {i: f"a {color[i]} {shape[i]}" for i in sorted(set(color) & set(shape))}
+
+
+def records(split: str = "train", *, task: str = "caption", prompt: str = "Describe the image.",
+            limit: int = 0, seed: int = 0) -> list[dict]:
+    """Records for the data pipeline: ``task`` is ``caption`` or ``vqa``."""
+    qs, answers, ids, paths = _load(split)
+    if task == "caption":
+        out = [{"image": paths[i], "question": prompt, "text": c, "task": "caption"}
+               for i, c in captions(split).items()]
+    elif task == "vqa":
+        out = [{"image": paths[i], "question": q, "text": a, "task": "vqa"} for q, a, i in zip(qs, answers, ids)]
+    else:
+        raise ValueError(f"easy-vqa: task must be caption or vqa, not {task!r}")
+    if limit and limit < len(out):
+        import random
+        out = random.Random(seed).sample(out, limit)
+    return out

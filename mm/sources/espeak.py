@@ -1,0 +1,142 @@
+"""Synthetic speech: speak any text with eSpeak NG, from the `espeakng-loader` PyPI package.
+
+No system install: the package ships libespeak-ng and its voice data; we drive the library
+through ctypes (synchronous output, a synth callback collecting int16 samples at 22,050 Hz).
+eSpeak is process-global state, so every call holds a lock; a forked child gets a fresh lock.
+
+Voices are "<language>+<variant>" names (e.g. "en+f3", "en-us+m2"). `TRAIN_VOICES` and
+`EVAL_VOICES` use disjoint variants, so evaluation measures generalisation to unseen speakers.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+
+import numpy as np
+
+_ACCENTS = ("en", "en-us")
+_TRAIN_VARIANTS = ("m1", "m2", "m3", "m4", "m5", "f1", "f2", "f3")
+_EVAL_VARIANTS = ("m6", "m7", "f4", "f5")
+TRAIN_VOICES: tuple[str, ...] = tuple(f"{a}+{v}" for a in _ACCENTS for v in _TRAIN_VARIANTS)
+EVAL_VOICES: tuple[str, ...] = tuple(f"{a}+{v}" for a in _ACCENTS for v in _EVAL_VARIANTS)
+VOICES: tuple[str, ...] = TRAIN_VOICES + EVAL_VOICES
+
+# speak_lib.h constants
+_AUDIO_OUTPUT_SYNCHRONOUS = 2
+_INITIALIZE_DONT_EXIT = 0x8000
+_POS_CHARACTER = 1
+_CHARS_UTF8 = 1
+_PARAM_RATE, _PARAM_PITCH = 1, 3
+_EE_OK = 0
+_SYNTH_CALLBACK = ctypes.CFUNCTYPE(
+    ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p
+)
+
+
+class EspeakError(RuntimeError):
+    """eSpeak NG could not be loaded or refused a request."""
+
+
+class _Engine:
+    """The loaded library, its sample rate and the samples of the utterance being spoken."""
+
+    def __init__(self):
+        try:
+            import espeakng_loader
+        except ImportError as err:
+            raise EspeakError(
+                "synthetic speech needs the `espeakng-loader` package: pip install espeakng-loader"
+            ) from err
+        lib = ctypes.CDLL(espeakng_loader.get_library_path())
+        lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
+        lib.espeak_Initialize.restype = ctypes.c_int
+        lib.espeak_SetSynthCallback.argtypes = [_SYNTH_CALLBACK]
+        lib.espeak_SetSynthCallback.restype = None
+        lib.espeak_SetVoiceByName.argtypes = [ctypes.c_char_p]
+        lib.espeak_SetVoiceByName.restype = ctypes.c_int
+        lib.espeak_SetParameter.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
+        lib.espeak_SetParameter.restype = ctypes.c_int
+        lib.espeak_Synth.argtypes = [
+            ctypes.c_char_p, ctypes.c_size_t, ctypes.c_uint, ctypes.c_int, ctypes.c_uint,
+            ctypes.c_uint, ctypes.POINTER(ctypes.c_uint), ctypes.c_void_p,
+        ]
+        lib.espeak_Synth.restype = ctypes.c_int
+        data_path = espeakng_loader.get_data_path().encode()
+        rate = lib.espeak_Initialize(_AUDIO_OUTPUT_SYNCHRONOUS, 0, data_path, _INITIALIZE_DONT_EXIT)
+        if rate <= 0:
+            raise EspeakError(f"espeak_Initialize failed (data path {data_path.decode()})")
+        self.lib, self.sample_rate = lib, rate
+        self.chunks: list[bytes] = []
+        self._callback = _SYNTH_CALLBACK(self._collect)  # keep a reference: C holds the pointer
+        lib.espeak_SetSynthCallback(self._callback)
+        self.voice: bytes | None = None
+
+    def _collect(self, wav, num_samples, events) -> int:
+        if num_samples > 0 and wav:
+            self.chunks.append(ctypes.string_at(wav, num_samples * 2))
+        return 0  # continue
+
+    def speak(self, text: str, voice: str, rate: int, pitch: int) -> np.ndarray:
+        name = voice.encode()
+        if name != self.voice:
+            if self.lib.espeak_SetVoiceByName(name) != _EE_OK:
+                raise ValueError(f"unknown eSpeak voice {voice!r} (e.g. {', '.join(VOICES[:4])})")
+            self.voice = name
+        self.lib.espeak_SetParameter(_PARAM_RATE, rate, 0)
+        self.lib.espeak_SetParameter(_PARAM_PITCH, pitch, 0)
+        data = text.encode("utf-8")
+        self.chunks = []
+        err = self.lib.espeak_Synth(data, len(data) + 1, 0, _POS_CHARACTER, 0, _CHARS_UTF8, None, None)
+        if err != _EE_OK:
+            raise EspeakError(f"espeak_Synth failed with code {err} for text {text[:40]!r}")
+        pcm = np.frombuffer(b"".join(self.chunks), dtype=np.int16)
+        self.chunks = []
+        return pcm.astype(np.float32) / 32768.0
+
+
+_lock = threading.Lock()
+_engine: _Engine | None = None
+
+
+def _reset_after_fork() -> None:
+    global _lock
+    _lock = threading.Lock()  # a parent thread may have held it at fork time
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)
+
+
+def sample_rate() -> int:
+    """eSpeak's output rate (22,050 Hz)."""
+    global _engine
+    with _lock:
+        if _engine is None:
+            _engine = _Engine()
+        return _engine.sample_rate
+
+
+def synthesize(text: str, voice: str = "en+m1", rate: int = 175, pitch: int = 50) -> tuple[np.ndarray, int]:
+    """Speak `text` with an eSpeak NG voice.
+
+    Args:
+        text: UTF-8 text, not blank.
+        voice: "<language>+<variant>", e.g. "en+f3" (see `VOICES`).
+        rate: words per minute, 80..450.
+        pitch: base pitch, 0..100.
+
+    Returns:
+        (s,) float32 waveform in [-1, 1] and its sample rate (22,050 Hz).
+    """
+    global _engine
+    if not text or not text.strip():
+        raise ValueError("synthesize needs non-blank text")
+    if not 80 <= rate <= 450:
+        raise ValueError(f"rate must be 80..450 words per minute, got {rate}")
+    if not 0 <= pitch <= 100:
+        raise ValueError(f"pitch must be 0..100, got {pitch}")
+    with _lock:
+        if _engine is None:
+            _engine = _Engine()
+        return _engine.speak(text, voice, rate, pitch), _engine.sample_rate

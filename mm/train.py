@@ -1,0 +1,181 @@
+"""The training loop: one recipe for every stage (setup -> train -> save).
+
+A stage is a YAML file: what trains, the objective, the data, the optimiser, and
+``init_from:`` (an explicit earlier run). The LLM is frozen throughout; its fingerprint is
+checked at every checkpoint and at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from mm.checkpoint import CheckpointError, atomic_write_text, load_state, load_tensors, save_state, save_tensors
+from mm.config import RunConfig, save_config
+from mm.objectives import get_objective
+from mm.runs import build_model, check_fingerprint, load_weights, save_model
+from mm.trainable import describe, set_trainable
+
+log = logging.getLogger("mm")
+
+
+def _lr_lambda(cfg: RunConfig):
+    o = cfg.optim
+
+    def f(step: int) -> float:
+        if step < o.warmup_steps:
+            return (step + 1) / max(1, o.warmup_steps)
+        if o.schedule == "constant":
+            return 1.0
+        t = (step - o.warmup_steps) / max(1, o.steps - o.warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+    return f
+
+
+def _trainable_state(model, objective) -> dict[str, torch.Tensor]:
+    out = {f"modalities.{n}": p for n, p in model.modalities.named_parameters() if p.requires_grad}
+    out.update({f"objective.{n}": p for n, p in objective.modules.named_parameters()})
+    return out
+
+
+def save_checkpoint(out: Path, step: int, model, objective, opt, sched, llm, keep: int = 2) -> Path:
+    """Write ``checkpoints/step-N`` atomically (a temporary folder renamed into place), then
+    point ``checkpoints/latest`` at it. A crash at any moment leaves the previous one intact."""
+    check_fingerprint(model, llm)
+    root = out / "checkpoints"
+    final = root / f"step-{step:08d}"
+    tmp = root / f".tmp-step-{step:08d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_tensors(tmp / "trainable.safetensors", _trainable_state(model, objective), {"step": step})
+    stream = getattr(objective, "stream", None)
+    save_state(tmp / "state.pt", {
+        "step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+        "torch_rng": torch.get_rng_state(), "python_rng": list(random.getstate()[1]),
+        "data": {"seen": stream.seen, "bad": stream.bad} if stream else {},
+    })
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    atomic_write_text(root / "latest", final.name)
+    for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(out: Path, model, objective, opt, sched) -> int:
+    """Restore the latest checkpoint of ``out``; returns the step to continue from (0: none)."""
+    root = out / "checkpoints"
+    if not (root / "latest").exists():
+        return 0
+    ck = root / (root / "latest").read_text().strip()
+    tensors, meta = load_tensors(ck / "trainable.safetensors")
+    own = _trainable_state(model, objective)
+    if set(tensors) != set(own):
+        raise CheckpointError(f"{ck / 'trainable.safetensors'}: holds other parameters than this stage trains")
+    with torch.no_grad():
+        for k, v in tensors.items():
+            own[k].copy_(v)
+    st = load_state(ck / "state.pt")
+    opt.load_state_dict(st["optimizer"])
+    sched.load_state_dict(st["scheduler"])
+    torch.set_rng_state(st["torch_rng"])
+    random.setstate((3, tuple(st["python_rng"]), None))
+    stream = getattr(objective, "stream", None)
+    if stream and st.get("data"):
+        stream.seen, stream.bad = st["data"]["seen"], st["data"]["bad"]
+    return int(st["step"])
+
+
+def train(cfg: RunConfig, *, progress: bool = True, stop_after: int | None = None) -> Path:
+    """Run one stage. ``stop_after``: stop (with a checkpoint) after that many steps of this
+    call, as if killed, so tests can resume."""
+    t0 = time.time()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+
+    model, llm, types = build_model(cfg.model)
+    if cfg.init_from:
+        missing = load_weights(model, Path(cfg.init_from), strict=False)
+        log.info("initialised from %s (%d new tensors)", cfg.init_from, len(missing))
+    trainable = set_trainable(model, cfg.trainable)
+    objective = get_objective(cfg.objective)(cfg, model, types, llm.tokenizer)
+    for line in describe(model):
+        log.info(line)
+    params = [p for p in model.parameters() if p.requires_grad] + list(objective.modules.parameters())
+    if not params:
+        raise ValueError(f"{out}: nothing to train (trainable: {cfg.trainable})")
+    opt = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+                            weight_decay=cfg.optim.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
+    start = load_checkpoint(out, model, objective, opt, sched)
+    if start:
+        log.info("resumed %s at step %d", out, start)
+    model.train()
+
+    metrics_path = out / "metrics.jsonl"
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=cfg.optim.steps, initial=start, desc=cfg.stage, dynamic_ncols=True, leave=False)
+    step = start
+    window_t, window_samples, window_tokens = time.time(), 0, 0
+    last = {}
+    with open(metrics_path, "a", encoding="utf-8") as mf:
+        while step < cfg.optim.steps:
+            batch = objective.batch(step)
+            loss, info = objective.loss(batch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.optim.grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
+            opt.step()
+            sched.step()
+            step += 1
+            window_samples += info.get("samples", 0)
+            window_tokens += info.get("tokens", 0)
+            if step % cfg.log_every == 0 or step == cfg.optim.steps:
+                dt = max(1e-9, time.time() - window_t)
+                stream = getattr(objective, "stream", None)
+                last = {"step": step, "loss": round(loss.item(), 5), "lr": sched.get_last_lr()[0],
+                        "samples_per_s": round(window_samples / dt, 2), "tokens_per_s": round(window_tokens / dt, 1),
+                        "bad_samples": stream.bad if stream else 0,
+                        **{k: v for k, v in info.items() if k not in ("samples", "tokens")}}
+                mf.write(json.dumps(last) + "\n")
+                mf.flush()
+                window_t, window_samples, window_tokens = time.time(), 0, 0
+                if bar is not None:
+                    bar.set_postfix(loss=f"{loss.item():.3f}", sps=last["samples_per_s"])
+            if bar is not None:
+                bar.update(1)
+            if step % cfg.checkpoint_every == 0 or step == cfg.optim.steps:
+                save_checkpoint(out, step, model, objective, opt, sched, llm)
+            if stop_after is not None and step - start >= stop_after and step < cfg.optim.steps:
+                save_checkpoint(out, step, model, objective, opt, sched, llm)
+                if bar is not None:
+                    bar.close()
+                return out
+    if bar is not None:
+        bar.close()
+    check_fingerprint(model, llm)
+    save_model(model, llm, cfg, out)
+    stream = getattr(objective, "stream", None)
+    summary = {"stage": cfg.stage, "steps": step, "seconds": round(time.time() - t0, 1),
+               "trainable_tensors": len(trainable), "final": last,
+               "bad_samples": stream.bad if stream else 0, "samples_seen": stream.seen if stream else 0,
+               "bad_examples": stream.bad_examples[:5] if stream else [],
+               "text_weights_unchanged": True}
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+    return out

@@ -1,0 +1,128 @@
+import pytest
+import torch
+
+from tests.helpers import image_media, open_gates, tiny_image_mm, tiny_llm
+
+FAMILIES = ["llama", "mistral", "qwen2", "gemma", "gemma2"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_text_only_logits_bit_identical(family):
+    llm = tiny_llm(family)
+    ids = torch.randint(1, 128, (2, 12))
+    ref = llm(ids).logits
+    model = tiny_image_mm(llm)
+    open_gates(model)  # even with open gates, no media -> adapters do nothing
+    assert torch.equal(model(ids), ref)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_media_at_init_is_bit_identical(family):
+    llm = tiny_llm(family)
+    ids = torch.randint(1, 128, (2, 12))
+    ref = llm(ids).logits
+    model = tiny_image_mm(llm)
+    assert torch.equal(model(ids, media={"image": image_media(2)}), ref)
+    open_gates(model)
+    assert not torch.allclose(model(ids, media={"image": image_media(2)}), ref)
+
+
+def test_llm_state_dict_unchanged_and_loadable():
+    llm = tiny_llm()
+    before = {k: v.clone() for k, v in llm.state_dict().items()}
+    model = tiny_image_mm(llm)
+    after = model.llm.state_dict()
+    assert list(after) == list(before)
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    fresh = tiny_llm(seed=5)
+    model.llm.load_state_dict(fresh.state_dict())  # the original checkpoint loads unchanged
+
+
+def test_text_before_image_gets_nothing_interleaved():
+    llm = tiny_llm()
+    model = tiny_image_mm(llm, every=1)
+    open_gates(model)
+    ids = torch.randint(1, 128, (1, 16))
+    ref = llm(ids).logits
+    # image 0 seen from position 5, image 1 from position 10
+    media = image_media(1, 2, positions=torch.tensor([[5, 10]]))
+    out = model(ids, media={"image": media})
+    assert torch.equal(out[:, :5], ref[:, :5])
+    assert not torch.allclose(out[:, 5:], ref[:, 5:])
+    # changing image 1 changes nothing before position 10
+    media2 = image_media(1, 2, positions=torch.tensor([[5, 10]]), seed=7)
+    media2.inputs["pixels"][0] = media.inputs["pixels"][0]
+    out2 = model(ids, media={"image": media2})
+    assert torch.equal(out2[:, :10], out[:, :10])
+    assert not torch.allclose(out2[:, 10:], out[:, 10:])
+
+
+def test_trainable_parameter_names():
+    from mm.trainable import set_trainable
+
+    model = tiny_image_mm(tiny_llm(layers=4))
+    names = set_trainable(model, ["image.xattn"])
+    expected = {f"image.xattn.{i}.{p}" for i in (1, 3) for p in (
+        "attn_norm.weight", "q_proj.weight", "k_proj.weight", "v_proj.weight", "q_norm.weight", "k_norm.weight",
+        "o_proj.weight", "attn_gate", "mlp_norm.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight",
+        "mlp.down_proj.weight", "mlp_gate")}
+    assert set(names) == expected
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"modalities." + n for n in expected}
+    set_trainable(model, ["image"])
+    assert not any(p.requires_grad for p in model.llm.parameters())
+    with pytest.raises(ValueError, match="names no module"):
+        set_trainable(model, ["llm"])
+
+
+def test_generation_cache_matches_no_cache_and_kv_projected_once():
+    llm = tiny_llm()
+    model = tiny_image_mm(llm)
+    open_gates(model, 0.5)
+    ids = torch.randint(1, 128, (3, 9))
+    att = torch.ones_like(ids)
+    att[0, :3] = 0  # left padding
+    ids[0, :3] = 0
+    media = image_media(3, positions=torch.tensor([[2], [4], [4]]))
+    model.kv_projections = 0
+    a = model.generate(ids, att, media={"image": media}, max_new_tokens=8)
+    assert model.kv_projections == len(model.modalities["image"].xattn)  # once per layer per generate
+    b = model.generate(ids, att, media={"image": media}, max_new_tokens=8, use_cache=False)
+    assert torch.equal(a, b)
+
+
+def test_batched_generation_equals_one_by_one():
+    llm = tiny_llm()
+    model = tiny_image_mm(llm)
+    open_gates(model, 0.5)
+    rows = [torch.randint(1, 128, (n,)) for n in (5, 9, 7)]
+    media = image_media(3, positions=torch.tensor([[1], [3], [2]]))
+    t = max(len(r) for r in rows)
+    ids = torch.zeros(3, t, dtype=torch.long)
+    att = torch.zeros(3, t, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, t - len(r):] = r
+        att[i, t - len(r):] = 1
+    batched = model.generate(ids, att, media={"image": media}, max_new_tokens=6)
+    for i, r in enumerate(rows):
+        one = image_media(1, positions=media.positions[i:i + 1])
+        one.inputs = {k: v[i:i + 1] for k, v in media.inputs.items()}
+        single = model.generate(r[None], torch.ones(1, len(r), dtype=torch.long), media={"image": one}, max_new_tokens=6)
+        assert torch.equal(batched[i], single[0])
+
+
+def test_loss_only_on_labels_and_prefix_sharing_matches_full():
+    llm = tiny_llm()
+    model = tiny_image_mm(llm)
+    open_gates(model, 0.5)
+    ids = torch.randint(1, 128, (2, 12))
+    labels = torch.full_like(ids, -100)
+    labels[:, 9:] = ids[:, 9:]
+    media = image_media(2, positions=torch.tensor([[6], [7]]))
+    att = torch.ones_like(ids)
+    shared = model.loss(ids, labels, attention_mask=att, media={"image": media})
+    h, _, p, _ = model.run(ids, att, media={"image": media}, share_prefix=False)
+    assert p == 0
+    logits = model.logits(h)[:, :-1]
+    full = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
+    torch.testing.assert_close(shared, full, rtol=1e-5, atol=1e-6)
