@@ -46,6 +46,8 @@ class OptimConfig:
     batch_size: int = 8
     grad_clip: float = 1.0
     schedule: str = "cosine"              # cosine | constant
+    # zero-initialised tanh gates move by ~lr per Adam step; short runs raise their rate
+    gate_lr_mult: float = 1.0
 
 
 @dataclass
@@ -61,6 +63,9 @@ class RunConfig:
     objective: str = "lm"                 # lm | contrastive | best_rq
     out: str = "runs/custom"
     init_from: str | None = None          # an explicit earlier run directory, never guessed
+    # copy weights of init_from into other modules: {"video.xattn": "image.xattn"} copies
+    # every image.xattn.* tensor to the same-named video.xattn.* one (shapes must match)
+    init_copy: dict[str, str] = field(default_factory=dict)
     seed: int = 0
     trainable: list[str] = field(default_factory=list)   # module prefixes, e.g. image.xattn
     model: ModelConfig = field(default_factory=ModelConfig)

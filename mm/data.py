@@ -136,7 +136,12 @@ def make_sample(rec: dict, *, model, types: dict, tokenizer, preprocess: dict, t
             counts[n] = [t.num_tokens(it, mod) + 2 for it in items]
     question = rec.get("question")
     if question is None:
-        question = rec.get("prompt") or (types[present[0]].prompt if present else "")
+        question = rec.get("prompt")
+    if question is None and present:
+        t0 = types[present[0]]
+        question = (t0.record_prompt(rec) if t0.record_prompt else None)
+        question = t0.prompt if question is None else question
+    question = "" if question is None else question
     if not isinstance(question, str):
         raise BadSample(f"{where}: 'question' must be text")
     if "<|mm:" not in question:

@@ -70,13 +70,20 @@ def save_model(model: MultimodalLM, llm: FrozenLLM, cfg: RunConfig, out: Path) -
                        for n, s in cfg.model.modalities.items()}}, indent=2))
 
 
-def load_weights(model: MultimodalLM, run_dir: Path, *, strict: bool = True) -> list[str]:
+def load_weights(model: MultimodalLM, run_dir: Path, *, strict: bool = True,
+                 copy: dict[str, str] | None = None) -> list[str]:
     """Load ``run_dir/model/modalities.safetensors`` into the model. Returns missing keys
-    (modalities the earlier run did not have) when not strict."""
+    (modalities the earlier run did not have) when not strict. ``copy``: destination prefix
+    -> source prefix, to initialise new modules from saved ones."""
     path = Path(run_dir) / "model" / "modalities.safetensors"
     if not path.exists():
         raise CheckpointError(f"{path}: no saved model in {run_dir} (did that run finish?)")
     tensors, _ = load_tensors(path)
+    for dst, src in (copy or {}).items():
+        found = {dst + k[len(src):]: v for k, v in tensors.items() if k.startswith(src + ".")}
+        if not found:
+            raise CheckpointError(f"{path}: init_copy source {src!r} has no tensors")
+        tensors.update(found)
     own = model.modalities.state_dict()
     unknown = [k for k in tensors if k not in own]
     shape = [k for k in tensors if k in own and own[k].shape != tensors[k].shape]

@@ -108,16 +108,22 @@ def train(cfg: RunConfig, *, progress: bool = True, stop_after: int | None = Non
 
     model, llm, types = build_model(cfg.model)
     if cfg.init_from:
-        missing = load_weights(model, Path(cfg.init_from), strict=False)
+        missing = load_weights(model, Path(cfg.init_from), strict=False, copy=cfg.init_copy)
         log.info("initialised from %s (%d new tensors)", cfg.init_from, len(missing))
     trainable = set_trainable(model, cfg.trainable)
     objective = get_objective(cfg.objective)(cfg, model, types, llm.tokenizer)
     for line in describe(model):
         log.info(line)
-    params = [p for p in model.parameters() if p.requires_grad] + list(objective.modules.parameters())
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad] + \
+        list(objective.modules.named_parameters())
+    params = [p for _, p in named]
     if not params:
         raise ValueError(f"{out}: nothing to train (trainable: {cfg.trainable})")
-    opt = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+    gates = [p for n, p in named if n.rsplit(".", 1)[-1].endswith("gate")]
+    rest = [p for n, p in named if not n.rsplit(".", 1)[-1].endswith("gate")]
+    groups = [{"params": rest}] + ([{"params": gates, "lr": cfg.optim.lr * cfg.optim.gate_lr_mult,
+                                     "weight_decay": 0.0}] if gates else [])
+    opt = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                             weight_decay=cfg.optim.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
     start = load_checkpoint(out, model, objective, opt, sched)

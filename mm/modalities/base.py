@@ -68,6 +68,9 @@ class ModalityType:
         num_tokens: for ``"tokens"``: ``num_tokens(item, modality) -> int`` placeholders.
         suffixes: file suffixes by which the CLI recognises this modality's inputs.
         prompt: default instruction when the user gives no text.
+        sources: built-in data source types, name -> ``f(**options) -> list[record]``.
+        record_prompt: ``f(record) -> user text or None``: the prompt for a manifest record
+            without a ``question`` (e.g. from its ``task`` field).
     """
 
     name: str
@@ -81,6 +84,7 @@ class ModalityType:
     suffixes: tuple[str, ...] = ()
     prompt: str = "Describe this."
     sources: dict[str, Callable[..., list[dict]]] = field(default_factory=dict)
+    record_prompt: Callable[[dict], str | None] | None = None
 
     def make_empty(self, item):
         if self.empty is not None:

@@ -1,0 +1,222 @@
+"""The speech modality: log-mel features -> Conformer encoder -> speech adapter, whose outputs
+enter the frozen LLM as token embeddings between two trainable boundary embeddings.
+
+Manifest records name their file under the key of the model's speech modality. The library's
+configs call that modality ``audio`` (``model.modalities.audio: {type: speech, ...}``), so a
+manifest line is ``{"audio": "a.wav", "text": "...", "task": "asr" | "qa"}``.
+
+Prompts (Llama 3): ASR ``"Repeat after me in {language}:"``, translation ``"Translate the
+following sentence into {language}:"``, spoken dialogue (``task: qa``): no task prompt.
+
+Also registers the ``best_rq`` training objective (self-supervised encoder pre-training).
+
+Notation: b=batch, n=fbank frames (10 ms), m=encoder frames (40 ms), m2=adapter frames
+(80 ms), f=mel bins (80).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from adapters.speech import speech_adapter, speech_adapter_llama3, speech_adapter_tiny
+from encoders.audio import SAMPLE_RATE, AudioInfo, audio_info, load_audio
+from encoders.best_rq import best_rq
+from encoders.speech import speech_encoder, speech_encoder_llama3, speech_encoder_tiny
+from encoders.speech_features import num_stacked_frames
+from mm.modality import Modality
+from mm.modalities.base import LLMShape, ModalityType
+
+WINDOW_SECONDS = 60.0  # longest segment the model takes at once (Llama 3: 60 s, 750 positions)
+ASR_PROMPT = "Repeat after me in {language}:"
+TRANSLATE_PROMPT = "Translate the following sentence into {language}:"
+SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".mp3", ".aiff", ".aif", ".au")
+
+ENCODERS = {"tiny": speech_encoder_tiny, "llama3": speech_encoder_llama3, "custom": speech_encoder}
+ADAPTERS = {"tiny": speech_adapter_tiny, "llama3": speech_adapter_llama3, "custom": speech_adapter}
+
+
+class SpeechInputError(ValueError):
+    """An audio input that cannot be used; one line naming the file."""
+
+
+def _preset(table: dict, preset: str, what: str):
+    if preset not in table:
+        raise ValueError(f"unknown speech {what} preset {preset!r}; choose one of {', '.join(table)}")
+    return table[preset]
+
+
+def build(llm: LLMShape, *, encoder: dict | None = None, adapter: dict | None = None) -> Modality:
+    """Speech encoder + adapter sized by presets (``tiny``, ``llama3``) or explicit sizes
+    (``preset: custom`` with the builder's keyword arguments)."""
+    enc = dict(encoder or {})
+    e = _preset(ENCODERS, enc.pop("preset", "tiny"), "encoder")(**enc)
+    ad = dict(adapter or {})
+    a = _preset(ADAPTERS, ad.pop("preset", "tiny"), "adapter")(encoder_dim=e.dim, llm_dim=llm.dim, **ad)
+    return Modality(kind="tokens", encoder=e, adapter=a, llm_dim=llm.dim)
+
+
+@dataclass(frozen=True)
+class AudioClip:
+    """A checked, not yet decoded audio file (its header was read, its samples were not)."""
+
+    path: str
+    info: AudioInfo
+
+
+def read(path: Path) -> AudioClip:
+    """Check the file's header (format, truncation, 0 frames); samples are read by
+    :func:`preprocess`, so an over-long file is refused without loading it."""
+    return AudioClip(str(path), audio_info(path))
+
+
+def waveform(raw, *, max_seconds: float = WINDOW_SECONDS) -> torch.Tensor:
+    """(s,) float32 16 kHz mono from an :class:`AudioClip` or a 16 kHz waveform."""
+    if isinstance(raw, AudioClip):
+        if raw.info.duration > max_seconds + 1e-6:
+            raise SpeechInputError(f"{raw.path}: {raw.info.duration:.1f} s is longer than the {max_seconds:g} s "
+                                   "window (mm transcribe chunks long audio)")
+        return load_audio(raw.path)
+    wave = torch.as_tensor(raw, dtype=torch.float32)
+    if wave.dim() != 1:
+        raise SpeechInputError(f"waveform must be 1-D (samples,), got shape {tuple(wave.shape)}")
+    if wave.shape[0] > max_seconds * SAMPLE_RATE + 1:
+        raise SpeechInputError(f"waveform of {wave.shape[0] / SAMPLE_RATE:.1f} s is longer than the "
+                               f"{max_seconds:g} s window")
+    return wave
+
+
+def preprocess(raw, modality: Modality, *, max_seconds: float = WINDOW_SECONDS) -> dict:
+    """Audio -> normalised log-mel features ``{"features": (n, f), "lengths": ()}``."""
+    wave = waveform(raw, max_seconds=max_seconds)
+    feats, lengths = modality.encoder.featurize([wave])  # (1, n, f), (1,)
+    if int(lengths[0]) == 0:
+        where = raw.path if isinstance(raw, AudioClip) else "waveform"
+        raise SpeechInputError(f"{where}: too short ({wave.shape[0] / SAMPLE_RATE * 1000:.0f} ms; need 25 ms)")
+    return {"features": feats[0], "lengths": lengths[0]}
+
+
+def collate(items: list[dict]) -> dict:
+    """Right-pad features: ``{"features": (b, n, f), "lengths": (b,)}`` (the encoder's inputs)."""
+    n = max(int(it["features"].shape[0]) for it in items)
+    f = items[0]["features"].shape[-1]
+    feats = torch.zeros(len(items), n, f)
+    for i, it in enumerate(items):
+        feats[i, : it["features"].shape[0]] = it["features"]
+    return {"features": feats, "lengths": torch.stack([torch.as_tensor(it["lengths"]) for it in items]).long()}
+
+
+def empty(item: dict) -> dict:
+    """An all-padding item (0 frames): encodes to nothing."""
+    return {"features": item["features"].new_zeros(0, item["features"].shape[-1]),
+            "lengths": torch.zeros((), dtype=torch.long)}
+
+
+def num_tokens(item: dict, modality: Modality) -> int:
+    """Adapter output frames (80 ms each) for one item: the placeholders it needs."""
+    m = num_stacked_frames(torch.as_tensor(item["lengths"]).reshape(1), modality.encoder.stacker.stride)
+    return int(modality.adapter.output_lengths(m)[0])
+
+
+def record_prompt(rec: dict) -> str | None:
+    """The task prompt of a manifest record: ``asr`` and ``translate`` get Llama 3's prompts,
+    ``qa`` (spoken dialogue) none: the speech itself is the user's turn."""
+    task = rec.get("task", "asr")
+    if task == "asr":
+        return ASR_PROMPT.format(language=rec.get("language", "English"))
+    if task == "translate":
+        return TRANSLATE_PROMPT.format(language=rec.get("target_language", "English"))
+    if task == "qa":
+        return ""
+    return None
+
+
+def espeak_source(**options) -> list[dict]:
+    """Built-in data source ``type: espeak`` (see :func:`mm.speech.espeak_records`)."""
+    from mm.speech import espeak_records
+    return espeak_records(**options)
+
+
+SPEECH = ModalityType(
+    name="speech", kind="tokens", build=build, read=read, preprocess=preprocess, collate=collate,
+    empty=empty, num_tokens=num_tokens, suffixes=SUFFIXES, prompt="", sources={"espeak": espeak_source},
+    record_prompt=record_prompt,
+)
+
+
+def speech_modality_name(types: dict) -> str:
+    """The name under which a model holds its (first) speech modality."""
+    for name, t in types.items():
+        if t.kind == "tokens" and t.read is read:
+            return name
+    raise KeyError(f"the model has no speech modality (modalities: {', '.join(sorted(types)) or 'none'})")
+
+
+# -- BEST-RQ pre-training ------------------------------------------------------------------
+class BestRqObjective:
+    """BEST-RQ self-supervised pre-training of the speech encoder (no text, no LLM).
+
+    ``extra``: ``modality`` (default: the model's speech modality), ``preset`` (``tiny`` |
+    ``llama3``) or explicit ``num_codebooks``, ``codebook_size``, ``code_dim``, ``mask_prob``,
+    ``mask_span``, ``noise_std``; ``quantizer_seed``. Only the prediction heads live here
+    (``modules``); the frozen quantiser is rebuilt from its seed.
+    """
+
+    PRESETS = {
+        "tiny": dict(num_codebooks=4, codebook_size=256, code_dim=16, mask_prob=0.04, mask_span=10),
+        "llama3": dict(num_codebooks=16, codebook_size=8192, code_dim=16, mask_prob=0.025, mask_span=32),
+    }
+
+    def __init__(self, cfg, model, types: dict, tokenizer=None):
+        from mm.data import SampleStream, load_source
+
+        ex = dict(cfg.extra)
+        self.cfg = cfg
+        self.name = ex.pop("modality", None) or speech_modality_name(types)
+        self.type, self.mod = types[self.name], model.modalities[self.name]
+        sizes = dict(self.PRESETS[ex.pop("preset", "tiny")])
+        sizes.update({k: ex[k] for k in ("num_codebooks", "codebook_size", "code_dim", "mask_prob",
+                                         "mask_span", "noise_std") if k in ex})
+        self.best_rq = best_rq(encoder=self.mod.encoder, seed=int(ex.get("quantizer_seed", 0)), **sizes)
+        self.modules = nn.ModuleDict({"heads": self.best_rq.heads})
+        self.preprocess = cfg.data.preprocess.get(self.name, {})
+        sources = [(load_source(s, types), float(s.get("weight", 1.0))) for s in cfg.data.sources]
+        self.stream = SampleStream(sources, make=self._make, seed=cfg.seed, max_bad_fraction=cfg.data.max_bad_fraction)
+
+    def _make(self, rec: dict) -> dict:
+        from mm.data import BadSample, _paths
+
+        if "_error" in rec:
+            raise BadSample(rec["_error"])
+        paths = _paths(rec, self.name)
+        if not paths:
+            raise BadSample(f"{rec.get('_where', 'record')}: no {self.name!r} file")
+        try:
+            return self.type.preprocess(self.type.read(paths[0]), self.mod, **self.preprocess)
+        except ValueError as e:
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise BadSample(msg if str(paths[0]) in msg else f"{paths[0]}: {msg}") from None
+
+    def batch(self, step: int):
+        inputs = collate(self.stream.batch(step, self.cfg.optim.batch_size))
+        gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)  # masks: a function of step
+        return inputs["features"], inputs["lengths"], gen
+
+    def loss(self, batch) -> tuple[torch.Tensor, dict]:
+        features, lengths, gen = batch
+        device = next(self.mod.parameters()).device
+        self.best_rq.quantizer.to(device)
+        out = self.best_rq(features.to(device), lengths.to(device), generator=gen)
+        return out.loss, {"samples": int(features.shape[0]), "accuracy": round(float(out.accuracy), 4),
+                          "masked_frames": out.num_masked}
+
+
+def _register() -> None:
+    from mm.objectives import register_objective
+    register_objective("best_rq", BestRqObjective)
+
+
+_register()

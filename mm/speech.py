@@ -1,0 +1,386 @@
+"""Speech: synthetic data, transcription of files of any length, metrics, and the CPU demo.
+
+- :func:`espeak_records`: the ``type: espeak`` data source. Speaks built-in sentences, the
+  built-in spoken questions (answered by the frozen LLM itself) or a JSONL of texts with
+  eSpeak NG voices, varying voice, speed and pitch; ``voices: eval`` holds voices out.
+- :func:`transcribe_files` / :func:`transcribe_waves`: ASR with the model. Audio longer than
+  the window (60 s) is cut into chunks, each at the quietest 50 ms near the window's end, read
+  block by block (memory bounded by the chunk) and the transcripts joined with a space.
+  Batched and one-by-one transcription give the same text (padding never leaks, and each
+  row's output is cut to its own length budget).
+- :func:`word_error_rate`: jiwer WER after :func:`normalize_transcript` (lower case,
+  punctuation removed, whitespace collapsed; no number or spelling normalisation).
+- :func:`qa_agreement`: fraction of spoken questions answered exactly like the same question
+  in text (after :func:`mm.infer.normalize`).
+- :func:`run_speech_demo`: both speech stages from ``configs/demo`` plus evaluation.
+
+Notation: s=samples (16 kHz), b=batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import random
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from mm.modalities.speech import (ASR_PROMPT, WINDOW_SECONDS, SpeechInputError,
+                                  num_tokens, preprocess, speech_modality_name)
+
+log = logging.getLogger("mm")
+
+# -- text: sentences and questions -------------------------------------------------------
+ADJECTIVES = ("red", "blue", "green", "yellow", "black", "white", "brown", "big", "small", "old", "new",
+              "young", "happy", "sad", "fast", "slow", "hot", "cold", "warm", "long", "short", "tall",
+              "little", "good", "bad", "quiet", "loud", "soft", "hard", "dark", "bright", "clean",
+              "dirty", "funny", "kind", "heavy", "empty", "full", "rich", "poor")
+ANIMALS = ("cat", "dog", "bird", "horse", "cow", "fish", "duck", "sheep", "goat", "pig", "lion",
+           "tiger", "bear", "mouse", "rabbit", "frog", "spider", "snake", "monkey", "chicken")
+THINGS = ("house", "car", "book", "table", "chair", "door", "window", "tree", "flower", "apple",
+          "banana", "cake", "cup", "box", "ball", "bag", "hat", "shoe", "phone", "clock", "bed",
+          "boat", "train", "river", "road", "garden", "letter", "song", "story", "game", "picture",
+          "key", "coat", "lamp", "bottle", "bread", "milk", "water", "stone", "bridge")
+PEOPLE = ("man", "woman", "boy", "girl", "teacher", "doctor", "farmer", "driver", "friend", "baby",
+          "king", "queen", "child", "cook", "student")
+NAMES = ("anna", "tom", "maria", "john", "lucy", "peter", "sara", "david", "emma", "paul", "linda",
+         "mark", "julia", "sam", "kate", "max")
+PLACES = ("school", "market", "park", "city", "village", "beach", "forest", "station", "library",
+          "hospital", "kitchen", "office", "shop", "farm", "church")
+VERBS = ("sees", "likes", "wants", "finds", "takes", "has", "needs", "loves", "buys", "opens",
+         "holds", "brings", "makes", "sells", "draws", "moves", "washes", "carries")
+PAST = ("saw", "liked", "found", "took", "had", "bought", "opened", "held", "brought", "made",
+        "sold", "drew", "moved", "washed", "carried", "lost", "kept", "left")
+NUMBERS = ("one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven",
+           "twelve", "twenty")
+COUNTRIES = ("france", "germany", "italy", "spain", "japan", "china", "india", "russia", "egypt",
+             "kenya", "canada", "mexico", "brazil", "peru", "chile", "norway", "sweden", "poland",
+             "greece", "turkey", "iran", "iraq", "cuba", "ireland", "austria", "portugal",
+             "australia", "argentina", "nigeria", "ghana", "vietnam", "thailand", "belgium",
+             "hungary", "finland", "denmark", "morocco", "ukraine", "indonesia", "pakistan")
+NOUNS = ANIMALS + THINGS + PEOPLE
+
+
+def _plural(noun: str) -> str:
+    irregular = {"man": "men", "woman": "women", "child": "children", "mouse": "mice", "sheep": "sheep",
+                 "fish": "fish", "baby": "babies", "box": "boxes", "bus": "buses", "party": "parties"}
+    return irregular.get(noun, noun + "s")
+
+
+_PATTERNS = (
+    lambda r: f"the {r.choice(ADJECTIVES)} {r.choice(NOUNS)} {r.choice(VERBS)} the {r.choice(NOUNS)}",
+    lambda r: f"{r.choice(NAMES)} {r.choice(PAST)} a {r.choice(ADJECTIVES)} {r.choice(THINGS)}",
+    lambda r: f"{r.choice(('we', 'they', 'i', 'you'))} have {r.choice(NUMBERS[1:])} {_plural(r.choice(NOUNS))}",
+    lambda r: f"the {r.choice(NOUNS)} is {r.choice(ADJECTIVES)}",
+    lambda r: f"{r.choice(NAMES)} went to the {r.choice(PLACES)}",
+    lambda r: f"my {r.choice(PEOPLE)} lives in {r.choice(COUNTRIES)}",
+    lambda r: f"what is the capital of {r.choice(COUNTRIES)}",
+    lambda r: f"what is {r.choice(NUMBERS[:9])} plus {r.choice(NUMBERS[:9])}",
+    lambda r: f"how many legs does a {r.choice(ANIMALS)} have",
+    lambda r: f"what is the opposite of {r.choice(ADJECTIVES)}",
+    lambda r: f"the {r.choice(ANIMALS)} is in the {r.choice(PLACES)}",
+    lambda r: f"a {r.choice(ADJECTIVES)} {r.choice(PEOPLE)} {r.choice(PAST)} the {r.choice(THINGS)}",
+)
+
+
+def sentences(n: int, *, seed: int = 0) -> list[str]:
+    """``n`` short sentences (3-7 words) from a ~300-word vocabulary, a function of ``seed``."""
+    r = random.Random(seed)
+    return [r.choice(_PATTERNS)(r) for _ in range(n)]
+
+
+def questions() -> list[str]:
+    """Candidate spoken questions (text form); the frozen LLM's answers become the targets."""
+    out = [f"What is the capital of {c.title()}?" for c in COUNTRIES]
+    out += [f"What is the opposite of {a}?" for a in ADJECTIVES]
+    out += [f"How many legs does a {a} have?" for a in ANIMALS]
+    out += [f"What is {a} plus {b}?" for a in range(1, 10) for b in range(1, 10)]
+    return out
+
+
+def _split_of(text: str, eval_fraction: float) -> str:
+    h = int(hashlib.sha1(text.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+    return "eval" if h < eval_fraction else "train"
+
+
+def answer_questions(qs: list[str], *, llm: str = "smollm2", max_new_tokens: int = 20,
+                     batch_size: int = 64) -> list[dict]:
+    """The frozen LLM's greedy text answers, kept only when they end within ``max_new_tokens``
+    (short targets). Cached per LLM fingerprint in ``$MM_CACHE/speech``."""
+    from mm.config import ModelConfig
+    from mm.infer import answer_records
+    from mm.llm import cache_dir
+    from mm.model import MultimodalLM
+    from mm.runs import get_llm
+
+    frozen = get_llm(ModelConfig(llm=llm))
+    key = hashlib.sha1(json.dumps([frozen.fingerprint, qs, max_new_tokens]).encode()).hexdigest()[:16]
+    path = cache_dir() / "speech" / f"qa-{key}.jsonl"
+    if path.exists():
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    model = MultimodalLM(frozen.model, {})
+    answers = answer_records(model, {}, frozen.tokenizer, [{"question": q} for q in qs],
+                             max_new_tokens=max_new_tokens, batch_size=batch_size)
+    tok = frozen.tokenizer
+    out = [{"question": q, "answer": a} for q, a in zip(qs, answers)
+           if a and len(tok(a, add_special_tokens=False)["input_ids"]) <= max_new_tokens - 3]
+    from mm.checkpoint import atomic_write_text
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in out))
+    return out
+
+
+# -- synthetic speech data -------------------------------------------------------------
+def _voices(voices) -> tuple[str, ...]:
+    from mm.sources.espeak import EVAL_VOICES, TRAIN_VOICES
+    if voices == "train":
+        return TRAIN_VOICES
+    if voices == "eval":
+        return EVAL_VOICES
+    if isinstance(voices, (list, tuple)) and voices:
+        return tuple(voices)
+    raise ValueError(f"voices must be 'train', 'eval' or a list of eSpeak voices, got {voices!r}")
+
+
+def _texts(texts: str, *, n: int, seed: int, split: str | None, eval_fraction: float, llm: str,
+           max_answer_tokens: int) -> list[tuple[str, str]]:
+    """(spoken text, target text) pairs."""
+    if texts == "sentences":
+        return [(s, s) for s in sentences(n, seed=seed)]
+    if texts == "qa":
+        qs = questions()
+        if split:
+            qs = [q for q in qs if _split_of(q, eval_fraction) == split]
+        return [(r["question"], r["answer"]) for r in answer_questions(qs, llm=llm, max_new_tokens=max_answer_tokens)]
+    path = Path(texts)
+    if not path.exists():
+        from mm.data import DataError
+        raise DataError(f"{path}: no such texts file (JSONL lines with 'say' and optional 'text')")
+    pairs = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            rec = json.loads(line)
+            pairs.append((rec["say"], rec.get("text", rec["say"])))
+    return pairs
+
+
+def espeak_records(*, n: int = 1000, task: str = "asr", texts: str = "sentences", voices="train",
+                   seed: int = 0, rate: tuple[int, int] = (150, 230), pitch: tuple[int, int] = (30, 70),
+                   split: str | None = None, eval_fraction: float = 0.2, llm: str = "smollm2",
+                   max_answer_tokens: int = 20, key: str = "audio", dir: str | None = None,
+                   language: str = "English") -> list[dict]:
+    """Speak texts with eSpeak NG into 16 kHz WAV files; return manifest records.
+
+    Args:
+        n: number of utterances. For ``texts`` other than ``sentences`` the texts are cycled.
+        task: ``asr`` (target = the spoken text) or ``qa`` (target = the text's answer).
+        texts: ``sentences`` (built-in, ``seed``-dependent), ``qa`` (built-in questions and the
+            frozen LLM ``llm``'s own answers, ``split`` train/eval by question), or a JSONL
+            file of ``{"say": ..., "text": ...}`` lines.
+        voices: ``train``, ``eval`` (disjoint speakers) or a list of voice names.
+        rate, pitch: ranges (inclusive) drawn uniformly per utterance.
+        key: the record key holding the path (the model's speech modality name).
+        dir: output folder (default: ``$MM_CACHE/speech/<hash of the options>``); an existing
+            complete folder is reused, so the records are the same on every call.
+    """
+    from mm.checkpoint import atomic_write_text
+    from mm.data import read_manifest
+    from mm.llm import cache_dir
+
+    pool = _voices(voices)
+    opts = dict(n=n, task=task, texts=texts, voices=list(pool), seed=seed, rate=list(rate), pitch=list(pitch),
+                split=split, eval_fraction=eval_fraction, llm=llm, max_answer_tokens=max_answer_tokens,
+                key=key, language=language, version=1)
+    pairs = _texts(texts, n=n, seed=seed, split=split, eval_fraction=eval_fraction, llm=llm,
+                   max_answer_tokens=max_answer_tokens)
+    if not pairs:
+        return []
+    opts["content"] = hashlib.sha1(json.dumps(pairs).encode()).hexdigest()
+    folder = Path(dir) if dir else cache_dir() / "speech" / hashlib.sha1(json.dumps(opts, sort_keys=True).encode()).hexdigest()[:16]
+    manifest = folder / "records.jsonl"
+    if manifest.exists():
+        return read_manifest(manifest)
+    import soundfile as sf
+    import torchaudio.functional as AF
+
+    from mm.sources.espeak import synthesize
+
+    folder.mkdir(parents=True, exist_ok=True)
+    r = random.Random(seed * 7919 + 17)
+    lines = []
+    for i in range(n):
+        say, target = pairs[i % len(pairs)]
+        voice, wpm, pit = r.choice(pool), r.randint(*rate), r.randint(*pitch)
+        wave, sr = synthesize(say, voice=voice, rate=wpm, pitch=pit)
+        wave = AF.resample(torch.from_numpy(wave), sr, 16_000).clamp(-1, 1).numpy()
+        name = f"{i:06d}.wav"
+        sf.write(folder / name, wave, 16_000, subtype="PCM_16")
+        rec = {key: name, "text": target, "task": task, "voice": voice, "rate": wpm, "pitch": pit}
+        if task == "asr":
+            rec["language"] = language
+        if say != target:
+            rec["spoken"] = say
+        lines.append(json.dumps(rec))
+    atomic_write_text(manifest, "\n".join(lines) + "\n")
+    (folder / "options.json").write_text(json.dumps(opts, indent=1))
+    return read_manifest(manifest)
+
+
+# -- chunking ----------------------------------------------------------------------------
+def quiet_cut(wave: torch.Tensor, *, search: int, frame: int = 800, hop: int = 160) -> int:
+    """Cut position in ``wave`` (s,): centre of the quietest ``frame`` in its last ``search``
+    samples (a pause between words, when there is one)."""
+    s = wave.shape[0]
+    lo = max(0, s - search)
+    tail = wave[lo:]
+    if tail.shape[0] < frame:
+        return s
+    energy = tail.unfold(0, frame, hop).pow(2).mean(-1)  # (frames,)
+    # Latest among the quietest (ties: keep the chunk long).
+    best = int((energy <= energy.min() * 1.0001 + 1e-12).nonzero().max())
+    return lo + best * hop + frame // 2
+
+
+def speech_chunks(path, *, window: float = WINDOW_SECONDS, search_fraction: float = 0.2,
+                  sample_rate: int = 16_000) -> Iterator[torch.Tensor]:
+    """Consecutive 16 kHz pieces of a file, each at most ``window`` seconds, cut at a quiet
+    point within the last ``search_fraction`` of the window. Read block by block: memory
+    stays within two windows whatever the file's length. Concatenated, they are the file."""
+    from encoders.audio import iter_audio_chunks
+
+    size = int(window * sample_rate)
+    search = max(1, int(size * search_fraction))
+    buf = torch.zeros(0)
+    for block in iter_audio_chunks(path, chunk_seconds=window, sample_rate=sample_rate):
+        buf = torch.cat([buf, block])
+        while buf.shape[0] > size:
+            cut = quiet_cut(buf[:size], search=search)
+            yield buf[:cut]
+            buf = buf[cut:]
+    if buf.shape[0]:
+        yield buf
+
+
+# -- transcription -----------------------------------------------------------------------
+SILENCE_RMS = 1e-4  # a chunk quieter than this is transcribed as "" without running the model
+
+
+def _token_budget(seconds: float, tokens_per_second: float, extra: int) -> int:
+    return int(math.ceil(seconds * tokens_per_second)) + extra
+
+
+@torch.no_grad()
+def transcribe_waves(model, types: dict, tokenizer, waves: list[torch.Tensor], *, batch_size: int = 16,
+                     prompt: str | None = None, language: str = "English", tokens_per_second: float = 8.0,
+                     extra_tokens: int = 8, max_seconds: float = WINDOW_SECONDS) -> list[str]:
+    """Generate for each 16 kHz waveform (each within the window) with the ASR prompt (or
+    ``prompt``; ``""`` for spoken dialogue). Each row decodes at most its own budget of
+    ``ceil(seconds * tokens_per_second) + extra_tokens`` tokens, so the text does not depend on
+    the batch. Silent or sub-25 ms waveforms give ``""``."""
+    from mm.data import Sample, collate
+    from mm.prompts import encode, end_of_turn_id, mark
+
+    name = speech_modality_name(types)
+    mod = model.modalities[name]
+    text = ASR_PROMPT.format(language=language) if prompt is None else prompt
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    eos = end_of_turn_id(tokenizer)
+    out = [""] * len(waves)
+    todo = []
+    for i, w in enumerate(waves):
+        if w.numel() < 400 or float(w.float().pow(2).mean().sqrt()) < SILENCE_RMS:
+            continue
+        item = preprocess(w, mod, max_seconds=max_seconds)
+        enc = encode(tokenizer, text + mark(name), None, media_tokens={name: [num_tokens(item, mod) + 2]})
+        budget = _token_budget(w.numel() / 16_000, tokens_per_second, extra_tokens)
+        todo.append((i, Sample(ids=enc.ids, labels=enc.labels, media={name: [(item, enc.media[0][1])]}), budget))
+    for k in range(0, len(todo), batch_size):
+        part = todo[k:k + batch_size]
+        batch = collate([s for _, s, _ in part], types=types, pad_id=pad)
+        ids = model.generate(batch.input_ids, batch.attention_mask, media=batch.media,
+                             max_new_tokens=max(b for _, _, b in part), eos_token_id=eos)
+        for row, (i, _, budget) in zip(ids, part):
+            out[i] = tokenizer.decode(row[:budget], skip_special_tokens=True).strip()
+    return out
+
+
+def transcribe_files(model, types: dict, tokenizer, paths, *, batch_size: int = 8,
+                     window: float = WINDOW_SECONDS, language: str = "English") -> list[dict]:
+    """Transcribe audio files of any length: ``[{"file", "duration", "text"}]`` in order.
+
+    Every file's header is checked first; a bad file raises :class:`SpeechInputError` (a
+    ValueError) whose one-line message names it, before any work. Long files are chunked
+    (:func:`speech_chunks`) and the chunk transcripts joined; at most ``batch_size`` chunks
+    are in memory at once, so an hour-long file needs no more memory than ``batch_size``
+    windows.
+    """
+    from encoders.audio import audio_info
+
+    paths = [str(p) for p in paths]
+    infos = []
+    for p in paths:
+        try:
+            infos.append(audio_info(p))
+        except ValueError as e:
+            raise SpeechInputError(str(e).splitlines()[0]) from None
+    texts: list[list[str]] = [[] for _ in paths]
+
+    def chunks():
+        for fi, p in enumerate(paths):
+            try:
+                for ci, wave in enumerate(speech_chunks(p, window=window)):
+                    yield fi, ci, wave
+            except ValueError as e:
+                raise SpeechInputError(str(e).splitlines()[0] if p in str(e) else f"{p}: {e}") from None
+
+    pending: list[tuple[int, int, torch.Tensor]] = []
+
+    def flush():
+        outs = transcribe_waves(model, types, tokenizer, [w for _, _, w in pending], batch_size=batch_size,
+                                language=language, max_seconds=window)
+        for (fi, ci, _), t in zip(pending, outs):
+            texts[fi].append(t)
+        pending.clear()
+
+    for fi, ci, wave in chunks():
+        pending.append((fi, ci, wave))
+        if len(pending) >= batch_size:
+            flush()
+    if pending:
+        flush()
+    return [{"file": p, "duration": round(info.duration, 3), "text": " ".join(t for t in ts if t)}
+            for p, info, ts in zip(paths, infos, texts)]
+
+
+# -- metrics -----------------------------------------------------------------------------
+def normalize_transcript(text: str) -> str:
+    """WER normalisation: lower case, punctuation removed (jiwer ``RemovePunctuation``),
+    whitespace collapsed and stripped. Numbers and spellings are left as they are."""
+    import jiwer
+    t = jiwer.Compose([jiwer.ToLowerCase(), jiwer.RemovePunctuation(), jiwer.RemoveMultipleSpaces(), jiwer.Strip()])
+    return t(text or "")
+
+
+def word_error_rate(references: list[str], hypotheses: list[str]) -> float:
+    """Corpus WER (jiwer): total word edits / total reference words, after
+    :func:`normalize_transcript` on both sides. An empty hypothesis counts as all deletions."""
+    import jiwer
+    refs = [normalize_transcript(r) for r in references]
+    hyps = [normalize_transcript(h) for h in hypotheses]
+    keep = [(r, h) for r, h in zip(refs, hyps) if r]
+    if not keep:
+        raise ValueError("word_error_rate needs at least one non-empty reference")
+    return float(jiwer.process_words([r for r, _ in keep], [h for _, h in keep]).wer)
+
+
+def qa_agreement(speech_answers: list[str | None], text_answers: list[str]) -> float:
+    """Fraction of questions whose spoken-question answer equals the text-question answer
+    (:func:`mm.infer.normalize`: lower case, no punctuation or articles)."""
+    from mm.infer import exact_match
+    if not text_answers:
+        raise ValueError("qa_agreement needs at least one question")
+    return sum(exact_match(s, t) for s, t in zip(speech_answers, text_answers)) / len(text_answers)

@@ -1,0 +1,73 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from encoders.image_io import ImageError, load_image
+from mm.data import BadSample, DataError, read_manifest
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P", "I;16", "LA", "CMYK"])
+def test_image_modes_become_rgb(tmp_path, mode):
+    arr = (np.arange(32 * 32) % 256).reshape(32, 32).astype(np.uint8)
+    if mode == "I;16":
+        img = Image.fromarray(arr.astype(np.uint16) * 257)
+    elif mode == "P":
+        img = Image.fromarray(arr).convert("P")
+    else:
+        img = Image.fromarray(arr).convert(mode)
+    p = tmp_path / "x.png" if mode != "CMYK" else tmp_path / "x.jpg"
+    img.save(p)
+    out = load_image(p)
+    assert out.mode == "RGB" and out.size == (32, 32)
+
+
+def test_sixteen_bit_is_scaled_not_clipped(tmp_path):
+    img = Image.fromarray(np.full((4, 4), 65535, np.uint16))
+    img.save(tmp_path / "w.png")
+    assert np.asarray(load_image(tmp_path / "w.png")).min() == 255
+
+
+@pytest.mark.parametrize("content,problem", [
+    (None, "no such file"), (b"", "empty file"), (b"hello, not an image", "not a readable image")])
+def test_bad_images_one_line_errors(tmp_path, content, problem):
+    p = tmp_path / "bad.png"
+    if content is not None:
+        p.write_bytes(content)
+    with pytest.raises(ImageError) as e:
+        load_image(p)
+    msg = str(e.value)
+    assert "\n" not in msg and str(p) in msg and problem in msg
+
+
+def test_truncated_image(tmp_path):
+    p = tmp_path / "t.png"
+    Image.fromarray(np.random.randint(0, 255, (64, 64, 3), np.uint8)).save(p)
+    data = p.read_bytes()
+    p.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ImageError, match="truncated|corrupt"):
+        load_image(p)
+
+
+def test_manifest_bad_lines_become_errors(tmp_path):
+    m = tmp_path / "m.jsonl"
+    m.write_text('{"image": "a.png", "text": "x"}\nnot json\n[1, 2]\n\n')
+    recs = read_manifest(m)
+    assert recs[0]["_base"] == str(tmp_path)
+    assert "m.jsonl:2" in recs[1]["_error"] and "m.jsonl:3" in recs[2]["_error"]
+    with pytest.raises(DataError, match="no such manifest"):
+        read_manifest(tmp_path / "missing.jsonl")
+    (tmp_path / "latin.jsonl").write_bytes(b'{"text": "caf\xe9"}\n')
+    with pytest.raises(DataError, match="not UTF-8"):
+        read_manifest(tmp_path / "latin.jsonl")
+
+
+def test_tiles_keep_aspect_ratio():
+    from encoders.image_io import best_grid, tile_image
+    assert best_grid(64, 64, 32, 4) == (2, 2)
+    assert best_grid(128, 32, 32, 4) == (4, 1)
+    assert best_grid(16, 16, 32, 4) == (1, 1)
+    tiles, mask, aspect = tile_image(Image.new("RGB", (100, 40)), tile_size=32, max_tiles=4)
+    assert tiles.shape == (4, 3, 32, 32) and mask.tolist() == [True, True, True, False]

@@ -1,0 +1,118 @@
+"""Short end-to-end stage runs on a tiny LLM: training, resume, checkpoints, frozen weights."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from mm.checkpoint import CheckpointError, load_tensors
+from mm.config import load_config
+from mm.runs import load_run
+from mm.train import train
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+def _cfg(tmp_path, tiny_llm_dir, manifest, out="run", steps=6, extra=()):
+    return load_config(CONFIGS / "demo" / "image_adapter_pretrain.yaml", [
+        f"out={tmp_path / out}", f"model.llm={tiny_llm_dir}", "init_from=null",
+        f"data.sources=[{{type: manifest, path: {manifest}}}]", f"optim.steps={steps}",
+        "optim.batch_size=4", "optim.warmup_steps=2", "checkpoint_every=2", "log_every=1",
+        "model.modalities.image.adapter={every: 2}", *extra])
+
+
+def test_stage_runs_and_reloads(tmp_path, tiny_llm_dir, image_manifest):
+    out = train(_cfg(tmp_path, tiny_llm_dir, image_manifest), progress=False)
+    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [l["step"] for l in lines] == list(range(1, 7))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["text_weights_unchanged"] and summary["bad_samples"] == 0
+    cfg = load_config(out / "config.yaml")  # the resolved config is in the run dir
+    assert cfg.optim.steps == 6
+    model, llm, types, _ = load_run(out)
+    gates = [p for n, p in model.modalities.named_parameters() if n.endswith("attn_gate")]
+    assert any(float(g.detach().abs()) > 0 for g in gates)  # it trained
+    assert not any(p.requires_grad for p in model.llm.parameters())
+
+
+def test_resume_is_exact(tmp_path, tiny_llm_dir, image_manifest):
+    straight = train(_cfg(tmp_path, tiny_llm_dir, image_manifest, out="a"), progress=False)
+    cfg = _cfg(tmp_path, tiny_llm_dir, image_manifest, out="b")
+    train(cfg, progress=False, stop_after=3)
+    assert not (tmp_path / "b" / "model").exists()
+    resumed = train(cfg, progress=False)
+    a, _ = load_tensors(straight / "model" / "modalities.safetensors")
+    b, _ = load_tensors(resumed / "model" / "modalities.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_crash_during_checkpoint_keeps_previous(tmp_path, tiny_llm_dir, image_manifest, monkeypatch):
+    cfg = _cfg(tmp_path, tiny_llm_dir, image_manifest, out="c")
+    train(cfg, progress=False, stop_after=2)
+    import mm.train as mt
+    real = mt.save_tensors
+
+    def boom(path, tensors, meta=None):
+        Path(path).write_bytes(b"partial")  # a half-written temporary file
+        raise OSError("disk full")
+    monkeypatch.setattr(mt, "save_tensors", boom)
+    with pytest.raises(OSError):
+        train(cfg, progress=False)
+    monkeypatch.setattr(mt, "save_tensors", real)
+    out = train(cfg, progress=False)  # resumes from the intact step-2 checkpoint
+    assert (out / "model" / "modalities.safetensors").exists()
+
+
+def test_tampered_checkpoint_is_refused(tmp_path, tiny_llm_dir, image_manifest):
+    out = train(_cfg(tmp_path, tiny_llm_dir, image_manifest, out="d", steps=2), progress=False)
+    f = out / "model" / "modalities.safetensors"
+    data = bytearray(f.read_bytes())
+    data[-5] ^= 0xFF
+    f.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="modalities.safetensors"):
+        load_run(out)
+    f.write_bytes(bytes(data[: len(data) // 2]))
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_run(out)
+
+
+def test_changed_text_weights_are_an_error(tmp_path, tiny_llm_dir, image_manifest, monkeypatch):
+    import mm.train as mt
+    real = mt.save_checkpoint
+
+    def tamper(out, step, model, *a, **k):
+        with torch.no_grad():
+            next(model.llm.parameters()).view(-1)[0] += 1.0
+        return real(out, step, model, *a, **k)
+    monkeypatch.setattr(mt, "save_checkpoint", tamper)
+    with pytest.raises(RuntimeError, match="frozen LLM's weights changed"):
+        train(_cfg(tmp_path, tiny_llm_dir, image_manifest, out="e", steps=2), progress=False)
+    from mm.runs import _LLM_CACHE
+    _LLM_CACHE.clear()  # that LLM object was modified on purpose
+
+
+def test_bad_samples_are_skipped_and_counted(tmp_path, tiny_llm_dir, image_manifest):
+    lines = image_manifest.read_text().splitlines()
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    lines += ['{"image": "broken.png", "text": "x"}', "not json", '{"image": "img0.png", "text": ""}']
+    m = tmp_path / "mixed.jsonl"
+    m.write_text("\n".join(lines) + "\n")
+    out = train(_cfg(tmp_path, tiny_llm_dir, m, out="f", steps=4, extra=["data.max_bad_fraction=0.9"]), progress=False)
+    s = json.loads((out / "summary.json").read_text())
+    assert s["bad_samples"] > 0
+    assert any("broken.png" in e for e in s["bad_examples"])
+    from mm.data import DataError
+    with pytest.raises(DataError, match="samples were bad"):
+        train(_cfg(tmp_path, tiny_llm_dir, m, out="g", steps=20, extra=["data.max_bad_fraction=0.01"]), progress=False)
+
+
+def test_contrastive_stage_runs(tmp_path, tiny_llm_dir, image_manifest):
+    cfg = load_config(CONFIGS / "demo" / "image_encoder_pretrain.yaml", [
+        f"out={tmp_path / 'clip'}", f"model.llm={tiny_llm_dir}",
+        f"data.sources=[{{type: manifest, path: {image_manifest}}}]", "optim.steps=3", "optim.batch_size=4",
+        "model.modalities.image.adapter={every: 2}"])
+    out = train(cfg, progress=False)
+    assert (out / "model" / "modalities.safetensors").exists()
