@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import importlib
 
-from mm.modalities.base import LLMShape, ModalityType, llm_shape
+from mm.modalities.base import (LLMShape, ModalityType, cross_attention_modality, llm_shape, stack_items,
+                                token_count, token_modality)
 
-__all__ = ["ModalityType", "LLMShape", "llm_shape", "get_type", "builtin_types", "UnknownModality"]
+__all__ = ["ModalityType", "LLMShape", "llm_shape", "get_type", "builtin_types", "UnknownModality",
+           "cross_attention_modality", "token_modality", "token_count", "stack_items"]
 
 
 class UnknownModality(KeyError):
@@ -44,6 +46,10 @@ def get_type(spec: str) -> ModalityType:
         raise UnknownModality(f"unknown modality {spec!r}; built-in: {', '.join(sorted(builtins))}; "
                               "or give a dotted path 'package.module:attribute'")
     module, attr = spec.split(":", 1)
+    import os
+    import sys
+    if os.getcwd() not in sys.path:  # user code next to the config, as with `python -m`
+        sys.path.append(os.getcwd())
     try:
         obj = getattr(importlib.import_module(module), attr)
     except (ImportError, AttributeError) as e:

@@ -92,3 +92,34 @@ class ModalityType:
         if isinstance(item, dict):
             return {k: torch.zeros_like(v) if torch.is_tensor(v) else v for k, v in item.items()}
         return torch.zeros_like(item)
+
+
+def cross_attention_modality(llm: LLMShape, encoder: torch.nn.Module, *, media_dim: int, every: int = 4,
+                             first: int | None = None, layers: list[int] | None = None, heads: int | None = None,
+                             kv_heads: int | None = None, ffn_mult: float = 2.0) -> Modality:
+    """A cross-attention modality: ``encoder`` -> gated cross-attention blocks shaped like the
+    LLM's attention, before every ``every``-th decoder layer (or the explicit ``layers``)."""
+    from adapters.cross_attention import GatedCrossAttention
+
+    h = heads or llm.n_heads
+    k = kv_heads or llm.n_kv_heads
+    blocks = {i: GatedCrossAttention(dim=llm.dim, media_dim=media_dim, n_heads=h, n_kv_heads=k,
+                                     head_dim=llm.dim // h, ffn_dim=int(ffn_mult * llm.dim), norm_eps=llm.norm_eps)
+              for i in xattn_layers(llm.n_layers, every=every, first=first, layers=layers)}
+    return Modality(kind="xattn", encoder=encoder, xattn=blocks)
+
+
+def token_modality(llm: LLMShape, encoder: torch.nn.Module, *, enc_dim: int, dim: int = 256, heads: int = 4,
+                   ffn_dim: int = 512, kernel_size: int = 3, stride: int = 2) -> Modality:
+    """A token-embedding modality: ``encoder`` -> Conv1d (``stride``) -> one rotary
+    Transformer layer -> Linear to the LLM width (the Llama 3 speech adapter's shape)."""
+    from adapters.speech import speech_adapter
+
+    adapter = speech_adapter(encoder_dim=enc_dim, dim=dim, llm_dim=llm.dim, num_heads=heads, ffn_dim=ffn_dim,
+                             kernel_size=kernel_size, stride=stride)
+    return Modality(kind="tokens", encoder=encoder, adapter=adapter, llm_dim=llm.dim)
+
+
+def token_count(n: int, *, kernel_size: int = 3, stride: int = 2) -> int:
+    """Adapter output length for ``n`` encoder frames (Conv1d with padding ``kernel_size//2``)."""
+    return (n + 2 * (kernel_size // 2) - kernel_size) // stride + 1

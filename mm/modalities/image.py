@@ -4,29 +4,19 @@ from __future__ import annotations
 
 import torch
 
-from adapters.cross_attention import GatedCrossAttention
 from encoders.image import image_encoder
 from encoders.image_io import load_image, possible_grids, tile_image
 from mm.modality import Modality
-from mm.modalities.base import LLMShape, ModalityType, xattn_layers
-
-
-def build_xattn(llm: LLMShape, media_dim: int, *, every: int = 4, first: int | None = None,
-                layers: list[int] | None = None, heads: int | None = None, kv_heads: int | None = None,
-                ffn_mult: float = 2.0) -> dict[int, GatedCrossAttention]:
-    """One gated cross-attention block per chosen decoder layer, shaped like the LLM's."""
-    h = heads or llm.n_heads
-    k = kv_heads or llm.n_kv_heads
-    return {i: GatedCrossAttention(dim=llm.dim, media_dim=media_dim, n_heads=h, n_kv_heads=k,
-                                   head_dim=llm.dim // h, ffn_dim=int(ffn_mult * llm.dim), norm_eps=llm.norm_eps)
-            for i in xattn_layers(llm.n_layers, every=every, first=first, layers=layers)}
+from mm.modalities.base import LLMShape, ModalityType, cross_attention_modality
 
 
 def build(llm: LLMShape, *, encoder: dict | None = None, adapter: dict | None = None) -> Modality:
+    """``encoder``: :func:`encoders.image.image_encoder` options; ``adapter``: placement and
+    sizes for :func:`mm.modalities.base.cross_attention_modality`."""
     enc = dict(encoder or {})
     enc.setdefault("out_dim", llm.dim)
     e = image_encoder(**enc)
-    return Modality(kind="xattn", encoder=e, xattn=build_xattn(llm, e.out_dim, **(adapter or {})))
+    return cross_attention_modality(llm, e, media_dim=e.out_dim, **(adapter or {}))
 
 
 def preprocess(img, modality: Modality, *, max_tiles: int | None = None) -> dict:
