@@ -73,9 +73,11 @@ def cmd_caption(a) -> int:
 def cmd_ask(a) -> int:
     from mm.infer import answer_records, answer_text
     media: dict[str, list[str]] = {}
-    for name, files in (("image", a.image), ("video", a.video), ("speech", a.audio)):
+    # --image / --video / --audio name a kind of input; the model's modality of that type
+    # may have another name (configs call the speech modality "audio").
+    for kind, files in (("image", a.image), ("video", a.video), ("speech", a.audio)):
         for f in files or []:
-            media.setdefault(name, []).append(f)
+            media.setdefault(f"@{kind}", []).append(f)
     for spec in a.input or []:
         if "=" not in spec:
             raise ValueError(f"--input {spec!r}: expected name=FILE")
@@ -103,6 +105,11 @@ def cmd_ask(a) -> int:
         raise ValueError("ask: --model RUN_DIR is needed to answer about media")
     from mm.runs import load_run
     model, llm, types, cfg = load_run(a.model)
+    for key in [k for k in media if k.startswith("@")]:
+        names = [n for n, t in types.items() if t.name == key[1:]]
+        if not names:
+            raise ValueError(f"{a.model}: this model has no {key[1:]} modality (has: {', '.join(model.modalities)})")
+        media.setdefault(names[0], []).extend(media.pop(key))
     for name in media:
         if name not in model.modalities:
             raise ValueError(f"{a.model}: this model has no {name!r} modality (has: {', '.join(model.modalities)})")
