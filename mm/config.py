@@ -58,6 +58,14 @@ class EvalConfig:
 
 
 @dataclass
+class DistConfig:
+    llm: str = "shard"                    # shard | replicate (the frozen LLM under FSDP2)
+    mixed_precision: str = "bf16"         # bf16 | none
+    checkpointing: list[str] = field(default_factory=list)  # any of llm, xattn, encoder
+    fsdp_single_process: bool = False     # apply FSDP2 even with one process (testing)
+
+
+@dataclass
 class RunConfig:
     stage: str = "custom"
     objective: str = "lm"                 # lm | contrastive | best_rq
@@ -75,6 +83,8 @@ class RunConfig:
     checkpoint_every: int = 50
     log_every: int = 5
     threads: int = 0                      # torch threads; 0 = torch's default
+    device: str | None = None             # cpu, cuda, cuda:1 ...; default: cuda if available
+    distributed: DistConfig = field(default_factory=DistConfig)
     extra: dict[str, Any] = field(default_factory=dict)  # objective-specific options
 
 

@@ -84,10 +84,13 @@ def load_source(src: dict, types: dict) -> list[dict]:
     if kind == "easy-vqa":
         from mm.sources.easy_vqa import records
         return records(**src)
+    if kind == "shards":  # WebDataset tar shards (mm/shards.py)
+        from mm.shards import shard_source
+        return shard_source(types=types, **src)
     for t in types.values():
         if kind in t.sources:
             return t.sources[kind](**src)
-    known = ["manifest", "folder", "easy-vqa"] + [k for t in types.values() for k in t.sources]
+    known = ["manifest", "folder", "easy-vqa", "shards"] + [k for t in types.values() for k in t.sources]
     raise DataError(f"unknown data source type {kind!r}; known: {', '.join(known)}")
 
 
@@ -240,25 +243,34 @@ class SampleStream:
         self.bad = 0
         self.bad_examples: list[str] = []
 
+    def shard(self, rank: int, world: int) -> None:
+        """Data parallelism: this process makes only slots ``rank, rank + world, ...`` of
+        every global batch. Each slot has its own random stream, so the union over ranks is
+        exactly the single-process batch, bad-sample replacements included."""
+        self.rank, self.world = rank, world
+
     def batch(self, k: int, size: int) -> list[Sample]:
-        rng = random.Random(self.seed * 1_000_003 + k)
+        """This process's part of global batch ``k`` (all of it without data parallelism)."""
         weights = [w for _, w in self.sources]
         out = []
-        tries = 0
-        while len(out) < size:
-            recs, _ = rng.choices(self.sources, weights)[0]
-            rec = recs[rng.randrange(len(recs))]
-            self.seen += 1
-            tries += 1
-            try:
-                out.append(self.make(rec))
-            except BadSample as e:
-                self.bad += 1
-                if len(self.bad_examples) < 20:
-                    self.bad_examples.append(str(e))
-                if self.seen >= 20 and self.bad / self.seen > self.max_bad_fraction:
-                    raise DataError(f"{self.bad} of {self.seen} samples were bad (more than "
-                                    f"{self.max_bad_fraction:.0%}); first: {self.bad_examples[0]}") from None
-                if tries > 50 * size:
-                    raise DataError(f"could not assemble a batch: {self.bad_examples[-1]}") from None
+        for slot in range(getattr(self, "rank", 0), size, getattr(self, "world", 1)):
+            rng = random.Random((self.seed * 1_000_003 + k) * 65_537 + slot)
+            for tries in range(1, 51):
+                recs, _ = rng.choices(self.sources, weights)[0]
+                i = rng.randrange(len(recs))
+                # shards (mm/shards.py): a slot's first try takes the next record in stream order
+                rec = recs.at(k, slot, size, self) if tries == 1 and hasattr(recs, "at") else recs[i]
+                self.seen += 1
+                try:
+                    out.append(self.make(rec))
+                    break
+                except BadSample as e:
+                    self.bad += 1
+                    if len(self.bad_examples) < 20:
+                        self.bad_examples.append(str(e))
+                    if self.seen >= 20 and self.bad / self.seen > self.max_bad_fraction:
+                        raise DataError(f"{self.bad} of {self.seen} samples were bad (more than "
+                                        f"{self.max_bad_fraction:.0%}); first: {self.bad_examples[0]}") from None
+            else:
+                raise DataError(f"could not assemble a batch: {self.bad_examples[-1]}")
         return out

@@ -136,6 +136,8 @@ def text_fingerprint(model: nn.Module) -> str:
     """SHA-256 over every tensor of the model's state dict, bit for bit, in key order."""
     h = hashlib.sha256()
     for name, t in sorted(model.state_dict().items()):
+        if hasattr(t, "to_local"):  # FSDP2 shard: each rank checks the part it holds
+            t = t.to_local()
         h.update(name.encode())
         h.update(str(t.dtype).encode())
         h.update(str(tuple(t.shape)).encode())

@@ -20,6 +20,8 @@ class LMObjective:
     """Next-token loss on the answer tokens, LLM frozen (adapter training and SFT)."""
 
     def __init__(self, cfg: RunConfig, model, types: dict, tokenizer):
+        from mm.distributed import Dist
+        self.dist = Dist()  # set by the training loop under torchrun
         self.cfg = cfg
         self.model = model
         self.types = types
@@ -33,8 +35,17 @@ class LMObjective:
         return collate(self.stream.batch(step, self.cfg.optim.batch_size), types=self.types, pad_id=self.pad_id)
 
     def loss(self, batch) -> tuple[torch.Tensor, dict]:
-        loss = self.model.loss(batch.input_ids, batch.labels, attention_mask=batch.attention_mask, media=batch.media)
-        return loss, {"tokens": int(batch.attention_mask.sum()), "samples": batch.input_ids.shape[0]}
+        """Mean over the labelled tokens of the *global* batch: each process divides its sum
+        by the global count (and multiplies by the world size, since FSDP averages
+        gradients), so any number of processes gives the single-process gradient."""
+        from mm.distributed import all_sum
+        d = self.dist
+        total, count = self.model.loss(batch.input_ids, batch.labels, attention_mask=batch.attention_mask,
+                                       media=batch.media, reduction="sum")
+        n = all_sum(torch.tensor(float(count), device=total.device), d).clamp(min=1)
+        report = (all_sum(total.detach().float(), d) / n).item()
+        return total / n * d.world, {"tokens": int(batch.attention_mask.sum()), "samples": batch.input_ids.shape[0],
+                                     "loss": report}
 
 
 class ContrastiveObjective:

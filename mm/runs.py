@@ -59,10 +59,10 @@ def modality_state(model: MultimodalLM) -> dict[str, torch.Tensor]:
     return {k: v for k, v in model.modalities.state_dict().items()}
 
 
-def save_model(model: MultimodalLM, llm: FrozenLLM, cfg: RunConfig, out: Path) -> None:
+def save_model(model: MultimodalLM, llm: FrozenLLM, cfg: RunConfig, out: Path, state: dict | None = None) -> None:
     """Everything outside the LLM, on its own (never mixed into the LLM's weights)."""
     out = Path(out)
-    save_tensors(out / "model" / "modalities.safetensors", modality_state(model),
+    save_tensors(out / "model" / "modalities.safetensors", state if state is not None else modality_state(model),
                  {"stage": cfg.stage, "llm_fingerprint": llm.fingerprint})
     atomic_write_text(out / "model" / "model.json", json.dumps({
         "llm": cfg.model.llm, "llm_fingerprint": llm.fingerprint, "stage": cfg.stage,

@@ -7,9 +7,11 @@ checked at every checkpoint and at the end.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
+import os
 import random
 import shutil
 import time
@@ -19,6 +21,8 @@ import torch
 
 from mm.checkpoint import CheckpointError, atomic_write_text, load_state, load_tensors, save_state, save_tensors
 from mm.config import RunConfig, save_config
+from mm.distributed import Dist, barrier, enable_checkpointing, full_tensor, setup, shard
+from mm.llm import text_fingerprint
 from mm.objectives import get_objective
 from mm.runs import build_model, check_fingerprint, load_weights, save_model
 from mm.trainable import describe, set_trainable
@@ -39,25 +43,42 @@ def _lr_lambda(cfg: RunConfig):
     return f
 
 
-def _trainable_state(model, objective) -> dict[str, torch.Tensor]:
+def _trainable_params(model, objective) -> dict[str, torch.Tensor]:
     out = {f"modalities.{n}": p for n, p in model.modalities.named_parameters() if p.requires_grad}
     out.update({f"objective.{n}": p for n, p in objective.modules.named_parameters()})
     return out
 
 
-def save_checkpoint(out: Path, step: int, model, objective, opt, sched, llm, keep: int = 2) -> Path:
+def _holder(model, objective) -> torch.nn.Module:
+    """One module over everything that trains, so optimizer state has stable names."""
+    return torch.nn.ModuleDict({"modalities": model.modalities, "objective": objective.modules})
+
+
+def _full_optimizer_state(model, objective, opt) -> dict:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    return get_optimizer_state_dict(_holder(model, objective), opt,
+                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def save_checkpoint(out: Path, step: int, model, objective, opt, sched, llm, keep: int = 2, d: Dist = Dist()) -> Path:
     """Write ``checkpoints/step-N`` atomically (a temporary folder renamed into place), then
-    point ``checkpoints/latest`` at it. A crash at any moment leaves the previous one intact."""
+    point ``checkpoints/latest`` at it. A crash at any moment leaves the previous one intact.
+    Tensors are saved whole (FSDP shards gathered), so any world size can resume."""
     check_fingerprint(model, llm)
     root = out / "checkpoints"
     final = root / f"step-{step:08d}"
+    tensors = {k: full_tensor(p.detach()).cpu() for k, p in _trainable_params(model, objective).items()}
+    optim_state = _full_optimizer_state(model, objective, opt)
+    if not d.main:
+        barrier(d)
+        return final
     tmp = root / f".tmp-step-{step:08d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_tensors(tmp / "trainable.safetensors", _trainable_state(model, objective), {"step": step})
+    save_tensors(tmp / "trainable.safetensors", tensors, {"step": step})
     stream = getattr(objective, "stream", None)
     save_state(tmp / "state.pt", {
-        "step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+        "step": step, "optimizer": optim_state, "scheduler": sched.state_dict(),
         "torch_rng": torch.get_rng_state(), "python_rng": list(random.getstate()[1]),
         "data": {"seen": stream.seen, "bad": stream.bad} if stream else {},
     })
@@ -67,6 +88,7 @@ def save_checkpoint(out: Path, step: int, model, objective, opt, sched, llm, kee
     atomic_write_text(root / "latest", final.name)
     for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
+    barrier(d)
     return final
 
 
@@ -77,14 +99,25 @@ def load_checkpoint(out: Path, model, objective, opt, sched) -> int:
         return 0
     ck = root / (root / "latest").read_text().strip()
     tensors, meta = load_tensors(ck / "trainable.safetensors")
-    own = _trainable_state(model, objective)
+    own = _trainable_params(model, objective)
     if set(tensors) != set(own):
         raise CheckpointError(f"{ck / 'trainable.safetensors'}: holds other parameters than this stage trains")
     with torch.no_grad():
         for k, v in tensors.items():
-            own[k].copy_(v)
+            p = own[k]
+            if hasattr(p, "device_mesh"):  # FSDP2: keep this rank's shard of the full tensor
+                from torch.distributed.tensor import distribute_tensor
+                v = distribute_tensor(v.to(p.dtype), p.device_mesh, p.placements).to_local()
+                p.to_local().copy_(v)
+            else:
+                p.copy_(v)
     st = load_state(ck / "state.pt")
-    opt.load_state_dict(st["optimizer"])
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    try:
+        set_optimizer_state_dict(_holder(model, objective), opt, st["optimizer"],
+                                 options=StateDictOptions(full_state_dict=True, strict=False))  # unused params have no state
+    except (KeyError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{ck / 'state.pt'}: optimizer state does not fit this stage ({e})") from None
     sched.load_state_dict(st["scheduler"])
     torch.set_rng_state(st["torch_rng"])
     random.setstate((3, tuple(st["python_rng"]), None))
@@ -100,11 +133,14 @@ def train(cfg: RunConfig, *, progress: bool = True, stop_after: int | None = Non
     t0 = time.time()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    d = setup(cfg.device)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
+    if d.main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+    barrier(d)
 
     model, llm, types = build_model(cfg.model)
     if cfg.init_from:
@@ -112,8 +148,21 @@ def train(cfg: RunConfig, *, progress: bool = True, stop_after: int | None = Non
         log.info("initialised from %s (%d new tensors)", cfg.init_from, len(missing))
     trainable = set_trainable(model, cfg.trainable)
     objective = get_objective(cfg.objective)(cfg, model, types, llm.tokenizer)
-    for line in describe(model):
-        log.info(line)
+    objective.dist = d
+    if getattr(objective, "stream", None) is not None:
+        objective.stream.shard(d.rank, d.world)
+    model.to(d.device)
+    objective.modules.to(d.device)
+    if cfg.distributed.checkpointing:
+        enable_checkpointing(model, cfg.distributed.checkpointing)
+    if d.enabled or cfg.distributed.fsdp_single_process:
+        if d.world == 1 and not torch.distributed.is_initialized():
+            raise ValueError("distributed.fsdp_single_process needs torchrun (a process group)")
+        shard(model, objective.modules, llm=cfg.distributed.llm, mixed_precision=cfg.distributed.mixed_precision)
+        llm = dataclasses.replace(llm, fingerprint=text_fingerprint(model.llm))  # per-rank shards
+    if d.main:
+        for line in describe(model):
+            log.info(line)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad] + \
         list(objective.modules.named_parameters())
     params = [p for _, p in named]
@@ -133,15 +182,17 @@ def train(cfg: RunConfig, *, progress: bool = True, stop_after: int | None = Non
 
     metrics_path = out / "metrics.jsonl"
     bar = None
-    if progress:
+    if progress and d.main:
         from tqdm import tqdm
         bar = tqdm(total=cfg.optim.steps, initial=start, desc=cfg.stage, dynamic_ncols=True, leave=False)
     step = start
     window_t, window_samples, window_tokens = time.time(), 0, 0
     last = {}
-    with open(metrics_path, "a", encoding="utf-8") as mf:
+    with open(metrics_path if d.main else os.devnull, "a", encoding="utf-8") as mf:
         while step < cfg.optim.steps:
             batch = objective.batch(step)
+            if hasattr(batch, "to"):
+                batch = batch.to(d.device)
             loss, info = objective.loss(batch)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -155,28 +206,32 @@ def train(cfg: RunConfig, *, progress: bool = True, stop_after: int | None = Non
             if step % cfg.log_every == 0 or step == cfg.optim.steps:
                 dt = max(1e-9, time.time() - window_t)
                 stream = getattr(objective, "stream", None)
-                last = {"step": step, "loss": round(loss.item(), 5), "lr": sched.get_last_lr()[0],
+                last = {"step": step, "loss": round(info.get("loss", loss.item()), 5), "lr": sched.get_last_lr()[0],
                         "samples_per_s": round(window_samples / dt, 2), "tokens_per_s": round(window_tokens / dt, 1),
                         "bad_samples": stream.bad if stream else 0,
-                        **{k: v for k, v in info.items() if k not in ("samples", "tokens")}}
+                        **{k: v for k, v in info.items() if k not in ("samples", "tokens", "loss")}}
                 mf.write(json.dumps(last) + "\n")
                 mf.flush()
                 window_t, window_samples, window_tokens = time.time(), 0, 0
                 if bar is not None:
-                    bar.set_postfix(loss=f"{loss.item():.3f}", sps=last["samples_per_s"])
+                    bar.set_postfix(loss=f"{last['loss']:.3f}", sps=last["samples_per_s"])
             if bar is not None:
                 bar.update(1)
             if step % cfg.checkpoint_every == 0 or step == cfg.optim.steps:
-                save_checkpoint(out, step, model, objective, opt, sched, llm)
+                save_checkpoint(out, step, model, objective, opt, sched, llm, d=d)
             if stop_after is not None and step - start >= stop_after and step < cfg.optim.steps:
-                save_checkpoint(out, step, model, objective, opt, sched, llm)
+                save_checkpoint(out, step, model, objective, opt, sched, llm, d=d)
                 if bar is not None:
                     bar.close()
                 return out
     if bar is not None:
         bar.close()
     check_fingerprint(model, llm)
-    save_model(model, llm, cfg, out)
+    full = {k: full_tensor(v) for k, v in model.modalities.state_dict().items()}
+    if not d.main:
+        barrier(d)
+        return out
+    save_model(model, llm, cfg, out, state=full)
     stream = getattr(objective, "stream", None)
     summary = {"stage": cfg.stage, "steps": step, "seconds": round(time.time() - t0, 1),
                "trainable_tensors": len(trainable), "final": last,
@@ -184,4 +239,5 @@ def train(cfg: RunConfig, *, progress: bool = True, stop_after: int | None = Non
                "bad_examples": stream.bad_examples[:5] if stream else [],
                "text_weights_unchanged": True}
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+    barrier(d)
     return out
