@@ -46,6 +46,8 @@ def load_image(path: str | Path) -> Image.Image:
         with Image.open(path) as img:
             img.load()
             out = to_rgb(img)
+    except Image.DecompressionBombError as e:  # not an OSError: would escape as a traceback
+        raise ImageError(f"{path}: image too large ({str(e).split(',')[0]})") from None
     except UnidentifiedImageError:
         raise ImageError(f"{path}: not a readable image (corrupt or unsupported format)") from None
     except (OSError, SyntaxError, ValueError) as e:

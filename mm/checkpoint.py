@@ -82,7 +82,34 @@ def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, meta
 
 
+def _state_digest(state) -> str:
+    """SHA-256 over a nested state (dicts, lists, tensors, numbers): bit for bit."""
+    import hashlib
+    h = hashlib.sha256()
+
+    def walk(x):
+        if torch.is_tensor(x):
+            t = x.detach().cpu().contiguous().reshape(-1)
+            h.update(f"T{x.dtype}{tuple(x.shape)}".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        elif isinstance(x, dict):
+            h.update(b"D%d" % len(x))
+            for k in sorted(x, key=repr):
+                h.update(repr(k).encode())
+                walk(x[k])
+        elif isinstance(x, (list, tuple)):
+            h.update(b"L%d" % len(x))
+            for v in x:
+                walk(v)
+        else:
+            h.update(repr(x).encode())
+    walk(state)
+    return h.hexdigest()
+
+
 def save_state(path: Path, state: dict) -> None:
+    """``torch.save`` of plain data and tensors, with a SHA-256 of it (checked on load)."""
+    state = {**state, "_sha256": _state_digest(state)}
     _atomic(path, lambda tmp: torch.save(state, tmp))
 
 
@@ -91,6 +118,15 @@ def load_state(path: Path) -> dict:
     if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for corrupt archives
-        raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({str(e).splitlines()[0]})") from None
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if why.startswith("Weights only load failed"):  # never advise turning the safe loader off
+            why = "holds objects the safe loader refuses"
+        raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({why})") from None
+    digest = state.pop("_sha256", None) if isinstance(state, dict) else None
+    if digest is None:
+        raise CheckpointError(f"{path}: no checksum in this checkpoint file; it cannot be verified")
+    if digest != _state_digest(state):
+        raise CheckpointError(f"{path}: checksum mismatch, the file was modified or damaged")
+    return state

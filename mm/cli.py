@@ -179,6 +179,25 @@ def cmd_bench(a) -> int:
     return bench_main(a)
 
 
+def cmd_data_pack(a) -> int:
+    from mm.shards import PackError, pack
+    try:
+        r = pack(a.manifest, a.out, shard_size=a.shard_size, skip_missing=a.skip_missing)
+    except PackError as e:
+        for f, where in e.report.missing:
+            print(f"mm: missing file: {f} ({where})", file=sys.stderr)
+        for bad in e.report.bad:
+            print(f"mm: bad line: {bad}", file=sys.stderr)
+        raise
+    for f, where in r.missing:
+        print(f"mm: skipped, missing file: {f} ({where})", file=sys.stderr)
+    for bad in r.bad:
+        print(f"mm: skipped, bad line: {bad}", file=sys.stderr)
+    skipped = f" (skipped {len(r.missing)} missing files, {len(r.bad)} bad lines)" if r.missing or r.bad else ""
+    print(f"packed {r.samples} samples into {len(r.shards)} shards in {r.out}{skipped}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mm", description="Images, video and speech on a frozen language model.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -240,6 +259,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", default=None, help="write the numbers to this file")
     b.add_argument("--device", default=None)
     b.set_defaults(fn=cmd_bench)
+
+    dp = sub.add_parser("data", help="data tools").add_subparsers(dest="data_cmd", required=True).add_parser(
+        "pack", help="write WebDataset tar shards from a JSONL manifest")
+    dp.add_argument("manifest")
+    dp.add_argument("--out", required=True, help="folder for shard-NNNNNN.tar and index.json")
+    dp.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    dp.add_argument("--skip-missing", action="store_true", help="pack the rest when media files are missing")
+    dp.set_defaults(fn=cmd_data_pack)
     return p
 
 

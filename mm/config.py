@@ -102,8 +102,28 @@ def _merge(dc_type, base, data: dict, where: str):
         elif isinstance(cur, tuple) and isinstance(v, list):
             out[k] = tuple(v)
         else:
-            out[k] = v
+            out[k] = _typed(v, cur, f"{where}.{k}")
     return dataclasses.replace(base, **out)
+
+
+def _typed(v, default, where: str):
+    """``v`` checked against the type of its default (None: anything). YAML reads ``1e-3``
+    as text; a float setting takes it as the number it spells."""
+    if default is None:
+        return v
+    if isinstance(default, float) and isinstance(v, str):
+        try:
+            v = float(v)
+        except ValueError:
+            pass
+    kinds = ((bool, (bool,), "true or false"), (int, (int,), "a whole number"), (float, (int, float), "a number"),
+             (str, (str,), "text"), (list, (list, tuple), "a list"), (dict, (dict,), "a mapping"))
+    for t, ok, name in kinds:
+        if isinstance(default, t):
+            if not isinstance(v, ok) or (t is not bool and isinstance(v, bool)):
+                raise ConfigError(f"{where}: expected {name}, got {v!r}")
+            return float(v) if t is float else v
+    return v
 
 
 def _parse_value(text: str):

@@ -147,6 +147,12 @@ def make_sample(rec: dict, *, model, types: dict, tokenizer, preprocess: dict, t
     question = "" if question is None else question
     if not isinstance(question, str):
         raise BadSample(f"{where}: 'question' must be text")
+    for key, val in (("question", question), ("text", text)):  # JSON "\udce9": not encodable text
+        if isinstance(val, str) and not val.isascii():
+            try:
+                val.encode("utf-8")
+            except UnicodeEncodeError:
+                raise BadSample(f"{where}: {key!r} is not valid Unicode text (unpaired surrogate)") from None
     if "<|mm:" not in question:
         question = question + "".join(mark(n) for n in present for _ in media[n])
     enc = encode(tokenizer, question, text if train else None, media_tokens=counts)

@@ -97,12 +97,15 @@ def load_weights(model: MultimodalLM, run_dir: Path, *, strict: bool = True,
     return missing
 
 
-def load_run(run_dir: str | Path, *, llm: str | None = None) -> tuple[MultimodalLM, FrozenLLM, dict, RunConfig]:
-    """Rebuild a trained model from its run directory (in a fresh process)."""
+def load_run(run_dir: str | Path, *, llm: str | None = None,
+             trust_remote_code: bool = False) -> tuple[MultimodalLM, FrozenLLM, dict, RunConfig]:
+    """Rebuild a trained model from its run directory (in a fresh process). A run directory
+    from elsewhere cannot turn on remote code: only the caller's ``trust_remote_code`` counts."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").exists():
         raise ConfigError(f"{run_dir}: not a run directory (no config.yaml)")
     cfg = load_config(run_dir / "config.yaml")
+    cfg.model.trust_remote_code = trust_remote_code
     if llm:
         cfg.model.llm = llm
     model, frozen, types = build_model(cfg.model)
