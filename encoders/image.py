@@ -156,9 +156,10 @@ class ImageEncoder(nn.Module):
 
 def image_encoder(*, preset: str = "tiny", out_dim: int, tile_size: int | None = None, max_tiles: int = 1,
                   layer_indices: list[int] | None = None, gated_layers: int | None = None,
-                  checkpoint: str | None = None, gate_init: float = 0.0) -> ImageEncoder:
-    """Build an :class:`ImageEncoder` from a ViT preset (``tiny`` for CPU, ``h14`` for Llama 3)."""
-    vit = build_vit(preset=preset, image_size=tile_size)
+                  checkpoint: str | None = None, gate_init: float = 0.0, vit: dict | None = None) -> ImageEncoder:
+    """Build an :class:`ImageEncoder` from a ViT preset (``tiny`` for CPU, ``h14`` for Llama 3);
+    ``vit`` overrides preset fields (``patch_size``, ``width``, ``layers``...)."""
+    vit = build_vit(preset=preset, image_size=tile_size, **(vit or {}))
     if checkpoint:
         load_open_clip_visual(vit, checkpoint)
     depth = len(vit.transformer.resblocks)
