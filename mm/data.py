@@ -140,6 +140,8 @@ def make_sample(rec: dict, *, model, types: dict, tokenizer, preprocess: dict, t
     question = rec.get("question")
     if question is None:
         question = rec.get("prompt")
+    if question is None and len(present) > 1:
+        question = ""  # several inputs and no text (e.g. an image and a spoken question)
     if question is None and present:
         t0 = types[present[0]]
         question = (t0.record_prompt(rec) if t0.record_prompt else None)
