@@ -81,29 +81,53 @@ class GatedCrossAttention(nn.Module):
         """Args:
             x: (b, t, d) LLM token states.
             kv: output of :meth:`project_kv`.
-            mask: (b, t, m) bool, True where text position t may see media token m.
+            mask: (b, t, m) bool, True where text position t may see media token m; or
+                (b, t, 1) bool when a position sees either all media tokens or none (then no
+                key mask is needed and attention runs unmasked, as fast as it can).
         Returns:
             (b, t, d) updated token states.
         """
         k, v = kv
         b, t, _ = x.shape
-        has_media = mask.any(dim=-1)  # (b, t)
-        # A row with nothing to attend to would give NaN in softmax: let it attend to
-        # everything, then drop its output with the row mask below.
-        attn_mask = (mask | ~has_media[..., None])[:, None]  # (b, 1, t, m)
-        row = has_media[..., None].to(x.dtype)  # (b, t, 1)
+        if mask.shape[-1] == 1:
+            attn_mask, row = None, mask.to(x.dtype)  # (b, t, 1)
+        else:
+            has_media = mask.any(dim=-1)  # (b, t)
+            # A row with nothing to attend to would give NaN in softmax: let it attend to
+            # everything, then drop its output with the row mask below.
+            attn_mask = (mask | ~has_media[..., None])[:, None]  # (b, 1, t, m)
+            row = has_media[..., None].to(x.dtype)  # (b, t, 1)
 
         q = self.q_proj(self.attn_norm(x)).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
         q = self.q_norm(q)  # (b, h, t, c)
-        if self.n_kv_heads != self.n_heads:
-            rep = self.n_heads // self.n_kv_heads
-            k = k.repeat_interleave(rep, dim=1)
-            v = v.repeat_interleave(rep, dim=1)
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (b, h, t, c)
-        a = self.o_proj(a.transpose(1, 2).reshape(b, t, -1))  # (b, t, d)
+        a = self.attend(q, k, v, attn_mask)  # (b, t, h * c)
+        a = self.o_proj(a)  # (b, t, d)
         x = x + self.attn_gate.tanh() * a * row
         x = x + self.mlp_gate.tanh() * self.mlp(self.mlp_norm(x)) * row
         return x
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               attn_mask: torch.Tensor | None) -> torch.Tensor:
+        """Grouped-query attention without copying keys/values per query head: the query
+        heads sharing a key/value head are folded into the query length.
+
+        Args:
+            q: (b, h, t, c); k, v: (b, k, m, c); attn_mask: (b, 1, t, m) bool or None.
+        Returns:
+            (b, t, h * c).
+        """
+        b, h, t, c = q.shape
+        kh = k.shape[1]
+        rep = h // kh
+        if rep == 1:
+            a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (b, h, t, c)
+            return a.transpose(1, 2).reshape(b, t, h * c)
+        qg = q.reshape(b, kh, rep * t, c)  # query head g*rep+r -> group g, rows r*t..r*t+t-1
+        if attn_mask is not None:
+            m = attn_mask.shape[-1]
+            attn_mask = attn_mask[:, :, None].expand(b, 1, rep, t, m).reshape(b, 1, rep * t, m)
+        a = F.scaled_dot_product_attention(qg, k, v, attn_mask=attn_mask)  # (b, k, rep*t, c)
+        return a.reshape(b, h, t, c).transpose(1, 2).reshape(b, t, h * c)
 
 
 def cross_attention_tiny(*, dim: int = 64, media_dim: int = 32) -> GatedCrossAttention:

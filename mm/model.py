@@ -13,6 +13,7 @@ is the original checkpoint, key for key and bit for bit.
 from __future__ import annotations
 
 import inspect
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -53,6 +54,7 @@ class CrossMedia:
     start: torch.Tensor  # (b, m) first text position that sees each media token
     valid: torch.Tensor  # (b, m) bool
     _mask_cache: dict = field(default_factory=dict)
+    _row_only: bool | None = None
 
     def mask(self, position_ids: torch.Tensor) -> torch.Tensor:
         """(b, t, m) bool: text position sees media token. Memoised per call's positions."""
@@ -61,6 +63,26 @@ class CrossMedia:
             self._mask_cache.clear()
             pos = position_ids.expand(self.start.shape[0], -1)  # (b, t)
             self._mask_cache[key] = (pos[:, :, None] >= self.start[:, None, :]) & self.valid[:, None, :]
+        return self._mask_cache[key]
+
+    @property
+    def row_only(self) -> bool:
+        """True when no media token is padding and all of a sample's media tokens become
+        visible at the same position: a text position then sees all of them or none."""
+        if self._row_only is None:
+            self._row_only = bool(self.valid.all()) and bool((self.start == self.start[:, :1]).all())
+        return self._row_only
+
+    def attn_mask(self, position_ids: torch.Tensor) -> torch.Tensor:
+        """What the adapters take: :meth:`mask`, or the same as (b, t, 1) when
+        :attr:`row_only` (attention then needs no key mask). Memoised like :meth:`mask`."""
+        if not self.row_only:
+            return self.mask(position_ids)
+        key = ("row", position_ids.data_ptr(), tuple(position_ids.shape))
+        if key not in self._mask_cache:
+            self._mask_cache.clear()
+            pos = position_ids.expand(self.start.shape[0], -1)  # (b, t)
+            self._mask_cache[key] = pos[:, :, None] >= self.start[:, None, :1]
         return self._mask_cache[key]
 
 
@@ -90,6 +112,11 @@ class MultimodalLM(nn.Module):
         # transformers renamed past_key_values -> cache (5.2x); accept both.
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self._hooks = []
+        # Several models may wrap one (cached) LLM, each with hooks on its layers: media go
+        # under a per-model keyword, so a model's hooks only ever see its own media.
+        self._media_kw = f"{MEDIA_KWARG}_{id(self)}"
+        self.share_prefix = True      # compute text-only prefixes once, without gradients
+        self.checkpoint_xattn = False  # non-reentrant activation checkpointing of adapters
         self.kv_projections = 0  # counts project_kv calls (tests prove K/V are made once)
         for name, mod in self.modalities.items():
             self._check_modality(name, mod)
@@ -116,8 +143,11 @@ class MultimodalLM(nn.Module):
             self._hooks.append(self.layers[i].register_forward_pre_hook(self._make_hook(i), with_kwargs=True))
 
     def _make_hook(self, index: int):
+        ref = weakref.ref(self)  # a dropped model's hooks stay behind inert, not keeping it alive
+
         def hook(module, args, kwargs):
-            media = kwargs.pop(MEDIA_KWARG, None)
+            me = ref()
+            media = kwargs.pop(me._media_kw, None) if me is not None else None
             if not media:
                 return args, kwargs
             if args:
@@ -128,7 +158,7 @@ class MultimodalLM(nn.Module):
             for name, state in media.items():
                 if not isinstance(state, CrossMedia) or index not in state.kv:
                     continue
-                x = self.modalities[name].xattn[str(index)](x, state.kv[index], state.mask(pos))
+                x = me.modalities[name].xattn[str(index)](x, state.kv[index], state.attn_mask(pos))
             return (x, *rest), kwargs
         return hook
 
@@ -194,7 +224,7 @@ class MultimodalLM(nn.Module):
         cross, tokens = encoded if encoded is not None else self.encode_media(media, b)
         kwargs = {self._cache_kw: cache, "use_cache": use_cache}
         if cross:
-            kwargs[MEDIA_KWARG] = cross
+            kwargs[self._media_kw] = cross
         if position_ids is None:
             position_ids = default_positions(input_ids, attention_mask, cache)
         if tokens:
@@ -226,7 +256,7 @@ class MultimodalLM(nn.Module):
         return first
 
     def run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
-            media: dict[str, MediaInput] | None = None, use_cache: bool = False, share_prefix: bool = True):
+            media: dict[str, MediaInput] | None = None, use_cache: bool = False, share_prefix: bool | None = None):
         """Hidden states for a padded batch, computing the text-only prefix cheaply.
 
         Text left of the first media depends on the text alone (the LLM is frozen and no
@@ -239,8 +269,12 @@ class MultimodalLM(nn.Module):
         Returns (hidden states of columns ``start..t``, cache, start, encoded media).
         """
         b, t = input_ids.shape
+        if share_prefix is None:
+            share_prefix = self.share_prefix
         encoded = self.encode_media(media, b)
-        p = min(self.first_media_column(attention_mask, media), t - 1) if share_prefix else 0
+        # with no media at all, one plain prefill: exactly what the base model computes
+        has_media = any(bool(mi.valid.any()) for mi in (media or {}).values())
+        p = min(self.first_media_column(attention_mask, media), t - 1) if share_prefix and has_media else 0
         positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (b, t)
         cache = self.new_cache() if (use_cache or p > 0) else None
         if p > 0:
@@ -286,8 +320,9 @@ class MultimodalLM(nn.Module):
         return self.logits(h)
 
     def loss(self, input_ids: torch.Tensor, labels: torch.Tensor, *, attention_mask=None,
-             media: dict[str, MediaInput] | None = None, chunk: int = 4096) -> torch.Tensor:
-        """Mean next-token cross-entropy over positions whose label is not -100.
+             media: dict[str, MediaInput] | None = None, chunk: int = 4096, reduction: str = "mean"):
+        """Mean next-token cross-entropy over positions whose label is not -100
+        (``reduction="sum"``: the sum and the number of labelled positions).
 
         Only labelled positions go through the LM head, in chunks, so a large vocabulary
         never materialises (b, t, vocab) logits.
@@ -299,22 +334,43 @@ class MultimodalLM(nn.Module):
         h = h[:, :target.shape[1]]
         sel = target != -100
         hs, ts = h[sel], target[sel]  # (s, d), (s,)
-        if ts.numel() == 0:
-            return h.sum() * 0.0
-        total = h.new_zeros(())
-        for i in range(0, ts.numel(), chunk):
-            total = total + F.cross_entropy(self.logits(hs[i:i + chunk]).float(), ts[i:i + chunk], reduction="sum")
-        return total / ts.numel()
+        n = ts.numel()
+        head = self.llm.get_output_embeddings()
+        if n == 0:
+            total = h.sum() * 0.0
+        elif (type(head) is nn.Linear and head.bias is None and not head.weight.requires_grad
+                and not getattr(self.llm.config, "final_logit_softcapping", None)):
+            # frozen head: loss and hidden-state gradient in one pass, no logits kept
+            from mm.fused_ce import linear_cross_entropy
+            total = linear_cross_entropy(hs, head.weight, ts, chunk)
+        else:
+            total = h.sum() * 0.0
+            for i in range(0, n, chunk):
+                total = total + F.cross_entropy(self.logits(hs[i:i + chunk]).float(), ts[i:i + chunk],
+                                                reduction="sum")
+        if reduction == "sum":
+            return total, n
+        return total / max(1, n)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
                  media: dict[str, MediaInput] | None = None, max_new_tokens: int = 32,
-                 eos_token_id: int | list[int] | None = None, use_cache: bool = True) -> torch.Tensor:
+                 eos_token_id: int | list[int] | None = None, use_cache: bool = True,
+                 fast: bool | None = None) -> torch.Tensor:
         """Greedy decoding of a left-padded batch. Media are encoded and their cross-attention
         keys/values projected once, at prefill; every step reuses them. Returns (b, new) ids,
-        with positions after a row's end-of-sequence filled with the end token."""
+        with positions after a row's end-of-sequence filled with the end token.
+
+        ``fast``: decode with :mod:`mm.fast_decode` (static cache; one CUDA graph per step on
+        a GPU); ``None`` (default): on CUDA when the LLM supports it. Same tokens up to
+        floating-point rounding."""
         eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
         b = input_ids.shape[0]
+        if use_cache and fast is not False and (fast or input_ids.is_cuda):
+            from mm.fast_decode import fast_generate
+            ids = fast_generate(self, input_ids, attention_mask, media=media, max_new_tokens=max_new_tokens, eos=eos)
+            if ids is not None:  # None: this LLM has no fast path
+                return ids
         if not use_cache:  # reference path: recompute everything at every step
             out = []
             ids, att = input_ids, attention_mask

@@ -30,8 +30,8 @@ from pathlib import Path
 
 import torch
 
-from mm.modalities.speech import (ASR_PROMPT, WINDOW_SECONDS, SpeechInputError,
-                                  num_tokens, preprocess, speech_modality_name)
+from mm.modalities.speech import (ASR_PROMPT, WINDOW_SECONDS, SpeechInputError, num_tokens, preprocess,
+                                  single_thread, speech_modality_name)
 
 log = logging.getLogger("mm")
 
@@ -72,17 +72,17 @@ def _plural(noun: str) -> str:
     return irregular.get(noun, noun + "s")
 
 
-_PATTERNS = (
+_PATTERNS = (  # statements: the frozen LLM repeats them as they are (it would answer questions)
     lambda r: f"the {r.choice(ADJECTIVES)} {r.choice(NOUNS)} {r.choice(VERBS)} the {r.choice(NOUNS)}",
     lambda r: f"{r.choice(NAMES)} {r.choice(PAST)} a {r.choice(ADJECTIVES)} {r.choice(THINGS)}",
     lambda r: f"{r.choice(('we', 'they', 'i', 'you'))} have {r.choice(NUMBERS[1:])} {_plural(r.choice(NOUNS))}",
     lambda r: f"the {r.choice(NOUNS)} is {r.choice(ADJECTIVES)}",
     lambda r: f"{r.choice(NAMES)} went to the {r.choice(PLACES)}",
     lambda r: f"my {r.choice(PEOPLE)} lives in {r.choice(COUNTRIES)}",
-    lambda r: f"what is the capital of {r.choice(COUNTRIES)}",
-    lambda r: f"what is {r.choice(NUMBERS[:9])} plus {r.choice(NUMBERS[:9])}",
-    lambda r: f"how many legs does a {r.choice(ANIMALS)} have",
-    lambda r: f"what is the opposite of {r.choice(ADJECTIVES)}",
+    lambda r: f"the capital of {r.choice(COUNTRIES)} is {r.choice(ADJECTIVES)}",
+    lambda r: f"{r.choice(NUMBERS[:9])} plus {r.choice(NUMBERS[:9])} is {r.choice(NUMBERS)}",
+    lambda r: f"the {r.choice(ANIMALS)} has {r.choice(NUMBERS[:9])} legs",
+    lambda r: f"{r.choice(ADJECTIVES)} is the opposite of {r.choice(ADJECTIVES)}",
     lambda r: f"the {r.choice(ANIMALS)} is in the {r.choice(PLACES)}",
     lambda r: f"a {r.choice(ADJECTIVES)} {r.choice(PEOPLE)} {r.choice(PAST)} the {r.choice(THINGS)}",
 )
@@ -172,7 +172,7 @@ def espeak_records(*, n: int = 1000, task: str = "asr", texts: str = "sentences"
                    seed: int = 0, rate: tuple[int, int] = (150, 230), pitch: tuple[int, int] = (30, 70),
                    split: str | None = None, eval_fraction: float = 0.2, llm: str = "smollm2",
                    max_answer_tokens: int = 20, key: str = "audio", dir: str | None = None,
-                   language: str = "English") -> list[dict]:
+                   language: str = "English", name: str | None = None) -> list[dict]:
     """Speak texts with eSpeak NG into 16 kHz WAV files; return manifest records.
 
     Args:
@@ -186,6 +186,7 @@ def espeak_records(*, n: int = 1000, task: str = "asr", texts: str = "sentences"
         key: the record key holding the path (the model's speech modality name).
         dir: output folder (default: ``$MM_CACHE/speech/<hash of the options>``); an existing
             complete folder is reused, so the records are the same on every call.
+        name: a label for evaluation reports (no effect on the data).
     """
     from mm.checkpoint import atomic_write_text
     from mm.data import read_manifest
@@ -205,9 +206,11 @@ def espeak_records(*, n: int = 1000, task: str = "asr", texts: str = "sentences"
     if manifest.exists():
         return read_manifest(manifest)
     import soundfile as sf
-    import torchaudio.functional as AF
+    import torchaudio
 
-    from mm.sources.espeak import synthesize
+    from mm.sources.espeak import sample_rate, synthesize
+
+    resample = torchaudio.transforms.Resample(sample_rate(), 16_000)  # the sinc kernel, made once
 
     folder.mkdir(parents=True, exist_ok=True)
     r = random.Random(seed * 7919 + 17)
@@ -215,8 +218,9 @@ def espeak_records(*, n: int = 1000, task: str = "asr", texts: str = "sentences"
     for i in range(n):
         say, target = pairs[i % len(pairs)]
         voice, wpm, pit = r.choice(pool), r.randint(*rate), r.randint(*pitch)
-        wave, sr = synthesize(say, voice=voice, rate=wpm, pitch=pit)
-        wave = AF.resample(torch.from_numpy(wave), sr, 16_000).clamp(-1, 1).numpy()
+        wave, _ = synthesize(say, voice=voice, rate=wpm, pitch=pit)
+        with torch.no_grad(), single_thread():
+            wave = resample(torch.from_numpy(wave)).clamp(-1, 1).numpy()
         name = f"{i:06d}.wav"
         sf.write(folder / name, wave, 16_000, subtype="PCM_16")
         rec = {key: name, "text": target, "task": task, "voice": voice, "rate": wpm, "pitch": pit}
@@ -384,3 +388,114 @@ def qa_agreement(speech_answers: list[str | None], text_answers: list[str]) -> f
     if not text_answers:
         raise ValueError("qa_agreement needs at least one question")
     return sum(exact_match(s, t) for s, t in zip(speech_answers, text_answers)) / len(text_answers)
+
+
+# -- evaluation and the CPU demo ---------------------------------------------------------
+DEMO_CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "demo"
+TARGETS = {"speech.wer": ("<=", 0.15), "speech.qa_agreement": (">=", 0.70)}
+
+
+def evaluate_speech(model, types: dict, tokenizer, sources: list[dict], *, batch_size: int = 32,
+                    samples: int = 5) -> dict:
+    """Per source (named by its optional ``name``, else ``task``): WER of ``task: asr``
+    records, and for ``task: qa`` records (whose ``text`` is the LLM's answer to the question
+    in text) the agreement of the answer to the spoken question with it.
+
+    Returns ``{name: {"wer" | "qa_agreement": x, "n": n, "samples": [...]}}``.
+    """
+    from mm.data import _paths, load_source
+    from mm.infer import answer_records
+
+    name = speech_modality_name(types)
+    out: dict = {}
+    for src in sources:
+        src = dict(src)
+        label = src.pop("name", None) or src.get("task", "asr")
+        recs = [r for r in load_source(src, types) if "_error" not in r]
+        if not recs:
+            continue
+        paths = [_paths(r, name)[0] for r in recs]
+        if src.get("task", "asr") == "asr":
+            hyps = [o["text"] for o in transcribe_files(model, types, tokenizer, paths, batch_size=batch_size)]
+            refs = [r["text"] for r in recs]
+            out[label] = {"wer": round(word_error_rate(refs, hyps), 4), "n": len(recs),
+                          "samples": [{"reference": r, "transcript": h, "voice": rec.get("voice")}
+                                      for r, h, rec in list(zip(refs, hyps, recs))[:samples]]}
+        else:
+            limit = max(24, max(len(tokenizer(r["text"])["input_ids"]) for r in recs) + 4)
+            preds = answer_records(model, types, tokenizer, [{name: str(p), "task": "qa"} for p in paths],
+                                   batch_size=batch_size, on_error="skip", max_new_tokens=limit)
+            out[label] = {"qa_agreement": round(qa_agreement(preds, [r["text"] for r in recs]), 4), "n": len(recs),
+                          "questions": len({r.get("spoken") for r in recs}),
+                          "samples": [{"question": r.get("spoken"), "text_answer": r["text"], "speech_answer": p,
+                                       "voice": r.get("voice")} for r, p in list(zip(recs, preds))[:samples]]}
+    return out
+
+
+def _cpu() -> float:
+    import resource
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def run_speech_demo(out_dir: Path, *, llm_spec: str = "smollm2", fast: bool = False) -> dict:
+    """The speech part of ``mm demo``: BEST-RQ encoder pre-training, then encoder + adapter on
+    ASR and spoken QA (configs/demo/speech_*.yaml), then WER and QA agreement on held-out
+    voices (and held-out questions). Returns the metrics, also written to
+    ``out_dir/speech_metrics.json``. ``fast``: a few steps and items (a smoke test)."""
+    from mm.checkpoint import atomic_write_text
+    from mm.config import load_config
+    from mm.runs import load_run
+    from mm.train import train
+
+    t0, c0 = time.time(), _cpu()
+    out_dir = Path(out_dir)
+    runs = {s: out_dir / s for s in ("speech_encoder_pretrain", "speech_adapter")}
+    common = [f"model.llm={llm_spec}"]
+    small = ["optim.steps=3", "optim.warmup_steps=1", "log_every=1"] if fast else []
+    small_ad = ["extra.ctc_only_steps=1"] if fast else []
+    pre = load_config(DEMO_CONFIGS / "speech_encoder_pretrain.yaml",
+                      common + small + [f"out={runs['speech_encoder_pretrain']}"])
+    ad = load_config(DEMO_CONFIGS / "speech_adapter.yaml",
+                     common + small + small_ad + [f"out={runs['speech_adapter']}", f"init_from={runs['speech_encoder_pretrain']}"])
+    if fast:
+        for cfg in (pre, ad):
+            cfg.data.sources = [dict(s, n=min(int(s.get("n", 1000)), 48)) for s in cfg.data.sources]
+        ad.eval.sources = [dict(s, n=min(int(s.get("n", 100)), 8)) for s in ad.eval.sources]
+    seconds = {}
+
+    t = time.time()
+    from mm.data import load_source
+    from mm.runs import get_llm, modality_types
+    get_llm(ad.model)  # load (and memoise) the frozen LLM
+    types = modality_types(ad.model)
+    for src in pre.data.sources + ad.data.sources + ad.eval.sources:  # synthesise (cached)
+        load_source({k: v for k, v in src.items() if k != "name"}, types)
+    seconds["llm_and_data"] = round(time.time() - t, 1)
+
+    for stage, cfg in (("speech_encoder_pretrain", pre), ("speech_adapter", ad)):
+        t = time.time()
+        train(cfg, progress=False)
+        seconds[stage] = round(time.time() - t, 1)
+
+    t = time.time()
+    model, frozen, types, _ = load_run(runs["speech_adapter"])
+    ev = evaluate_speech(model, types, frozen.tokenizer, ad.eval.sources)
+    seconds["eval"] = round(time.time() - t, 1)
+    seconds["total"] = round(time.time() - t0, 1)
+    seconds["process_cpu_total"] = round(_cpu() - c0, 1)  # wall time is inflated on a busy machine
+    summaries = {s: json.loads((runs[s] / "summary.json").read_text()) for s in runs}
+    asr = next((v for v in ev.values() if "wer" in v), {})
+    qa = ev.get("qa_heldout", next((v for v in ev.values() if "qa_agreement" in v), {}))
+    metrics = {
+        "speech.wer": asr.get("wer"),
+        "speech.qa_agreement": qa.get("qa_agreement"),
+        "speech.seconds": seconds,
+        "speech.targets": {k: f"{op} {v}" for k, (op, v) in TARGETS.items()},
+        "speech.eval": ev,
+        "speech.final": {s: summaries[s]["final"] for s in runs},
+        "speech.bad_samples": {s: summaries[s]["bad_samples"] for s in runs},
+        "speech.runs": {s: str(p) for s, p in runs.items()},
+    }
+    atomic_write_text(out_dir / "speech_metrics.json", json.dumps(metrics, indent=2))
+    return metrics

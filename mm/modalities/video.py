@@ -1,8 +1,11 @@
 """The video modality: sampled frames -> (frozen copy of) the image encoder -> perceiver
 resampler over runs of K frames -> gated cross-attention, as in Llama 3 (section 7.2).
 
-Notation: b=batch, F=max frames, f=frames, s=frame side (the image encoder's tile size),
-p=tokens per frame, g=groups of K frames, m=latents per group, e=feature width, d=LLM width.
+Notation: b=batch, F=max frames, f=frames, T=max tiles per frame, s=tile side, p=tokens per
+tile, n=T*p tokens per frame, g=groups of K frames, m=latents per group, e=feature width.
+
+Frames are resized and tiled like images (the grid that fits the video best, up to
+``max_tiles``), all frames of a video on the same grid.
 
 The video modality holds its own copy of the image encoder (modules are never shared across
 modalities: safetensors refuses shared tensors). A video stage initialises that copy from the
@@ -13,20 +16,20 @@ decoder layer as that image layer), with zero-initialised gates.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from encoders.image import ImageEncoder, image_encoder
-from encoders.image_io import MEAN, STD
+from encoders.image_io import MEAN, STD, best_grid, possible_grids
 from encoders.video import VideoEncoder, video_aggregator
 from encoders.video_io import VideoError, load_video, video_info
-from mm.modalities.base import LLMShape, ModalityType, xattn_layers
-from mm.modalities.image import build_xattn
+from mm.modalities.base import LLMShape, ModalityType, cross_attention_modality, xattn_layers
 from mm.modality import Modality
 
-__all__ = ["VIDEO", "FrameEncoder", "build", "read", "preprocess", "video_xattn_layers",
+__all__ = ["VIDEO", "FrameEncoder", "TiledVideoEncoder", "build", "read", "preprocess", "video_xattn_layers",
            "image_adapter_copy", "moving_shapes_records", "SUFFIXES"]
 
 SUFFIXES = (".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg", ".ts", ".flv", ".wmv", ".3gp")
@@ -35,23 +38,54 @@ IMAGE_ENCODER_PREFIX = "video.encoder.image_encoder.image"  # where the image en
 
 
 class FrameEncoder(nn.Module):
-    """Frames as single tiles through an :class:`ImageEncoder`.
+    """Frames, each cut into tiles like an image, through an :class:`ImageEncoder`.
 
-    forward(pixels (N, 3, s, s) uint8) -> features (N, p, e). Normalises like the image path
-    (open_clip's mean / std); every frame is one tile with the 1x1 grid's aspect id.
+    forward(pixels (N, T, 3, s, s) uint8, tile_mask (N, T) bool, aspect (N,) long)
+        -> features (N, T*p, e)
+
+    Normalises like the image path (open_clip's mean / std). Features of padding tiles are
+    zeroed (the temporal aggregator takes a mask per frame, not per token).
     """
 
     def __init__(self, image: ImageEncoder):
         super().__init__()
         self.image = image
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        n = pixels.shape[0]
-        x = pixels.float() / 255.0  # (N, 3, s, s)
+    def forward(self, pixels: torch.Tensor, tile_mask: torch.Tensor, aspect: torch.Tensor) -> torch.Tensor:
+        x = pixels.float() / 255.0  # (N, T, 3, s, s)
         x = (x - x.new_tensor(MEAN)[:, None, None]) / x.new_tensor(STD)[:, None, None]
-        feats, _ = self.image(x[:, None], torch.ones(n, 1, dtype=torch.bool, device=x.device),
-                              torch.zeros(n, dtype=torch.long, device=x.device))  # (N, p, e)
-        return feats
+        feats, mask = self.image(x, tile_mask, aspect)  # (N, T*p, e), (N, T*p)
+        return feats * mask[..., None].to(feats.dtype)
+
+
+class TiledVideoEncoder(VideoEncoder):
+    """:class:`encoders.video.VideoEncoder` whose frames are tiled like images: every frame of
+    a video shares the video's tile grid.
+
+    forward(frames (b, f, T, 3, s, s) uint8, frame_mask (b, f), tile_mask (b, T), aspect (b,))
+        -> (features (b, g*m, e), mask (b, g*m))
+    """
+
+    def forward(self, frames: torch.Tensor, frame_mask: torch.Tensor | None = None,
+                tile_mask: torch.Tensor | None = None, aspect: torch.Tensor | None = None):
+        b, f, T = frames.shape[:3]
+        if frame_mask is None:
+            frame_mask = torch.ones(b, f, dtype=torch.bool, device=frames.device)
+        if tile_mask is None:
+            tile_mask = torch.ones(b, T, dtype=torch.bool, device=frames.device)
+        if aspect is None:
+            aspect = torch.zeros(b, dtype=torch.long, device=frames.device)
+        keep = frame_mask.to(torch.bool).flatten().nonzero().squeeze(1)  # (N,) valid frames
+        if keep.numel() == 0:
+            keep = keep.new_zeros(1)  # encode one frame only to learn (n, d); it stays masked
+        tiles = tile_mask[:, None].expand(b, f, T).flatten(0, 1)  # (b*f, T)
+        grids = aspect[:, None].expand(b, f).flatten()  # (b*f,)
+        grad = torch.no_grad() if self.freeze_image_encoder else contextlib.nullcontext()
+        with grad:
+            feats = self.image_encoder(frames.flatten(0, 1)[keep], tiles[keep], grids[keep])  # (N, n, e)
+        n, e = feats.shape[1:]
+        per_frame = feats.new_zeros(b * f, n, e).index_copy(0, keep, feats)  # (b*f, n, e)
+        return self.aggregator(per_frame.view(b, f, n, e), frame_mask)  # (b, g*m, e), (b, g*m)
 
 
 def video_xattn_layers(n_layers: int, *, image_layers: list[int] | dict | None = None, every_image: int = 4,
@@ -89,7 +123,8 @@ def build(llm: LLMShape, *, encoder: dict | None = None, aggregator: dict | None
             image run so its weights load into the copy).
         aggregator: perceiver resampler options: ``frames_per_group`` (K; 16 pre-training,
             32 fine-tuning), ``num_latents`` (default: tokens per frame, so that K frames
-            merge into one), ``depth``, ``num_heads``, ``ffn_mult``.
+            merge into one), ``depth``, ``num_heads``, ``ffn_mult``, and ``frame_pos_std``:
+            initial scale of the frame-position embeddings (default: the resampler's 0.02).
         adapter: ``image_layers`` (the image adapter's layers or options) and ``every_image``,
             or explicit ``layers``; and ``heads``, ``kv_heads``, ``ffn_mult`` of the blocks.
         max_frames: F, frames sampled per video (default; a stage may lower it in preprocess).
@@ -100,15 +135,20 @@ def build(llm: LLMShape, *, encoder: dict | None = None, aggregator: dict | None
     image = image_encoder(**enc)
     agg = dict(aggregator or {})
     grid = image.tile_size // image.vit.patch_size[0]
-    agg.setdefault("num_latents", grid * grid + 1)  # K frames -> one frame's worth of tokens
-    video = VideoEncoder(FrameEncoder(image), video_aggregator(dim=image.out_dim, **agg),
-                         freeze_image_encoder=freeze_image_encoder)
+    agg.setdefault("num_latents", grid * grid + 1)  # K frames -> one tile's worth of tokens
+    frame_pos_std = agg.pop("frame_pos_std", None)
+    resampler = video_aggregator(dim=image.out_dim, **agg)
+    if frame_pos_std is not None:  # frame-position embeddings on the scale of the features
+        with torch.no_grad():
+            resampler.frame_pos.normal_(0.0, frame_pos_std)
+    video = TiledVideoEncoder(FrameEncoder(image), resampler, freeze_image_encoder=freeze_image_encoder)
     video.max_frames = int(max_frames)  # plain settings read by preprocess, not per-call state
     video.frame_size = image.tile_size
+    video.max_tiles = image.max_tiles
     ad = dict(adapter or {})
     place = {k: ad.pop(k) for k in ("image_layers", "every_image", "layers") if k in ad}
     layers = video_xattn_layers(llm.n_layers, **place)
-    return Modality(kind="xattn", encoder=video, xattn=build_xattn(llm, image.out_dim, layers=layers, **ad))
+    return cross_attention_modality(llm, video, media_dim=image.out_dim, layers=layers, **ad)
 
 
 def read(path: Path) -> Path:
@@ -122,38 +162,41 @@ def read(path: Path) -> Path:
     return path
 
 
-def _fit(height: int, width: int, side: int) -> tuple[int, int]:
-    """Largest (h, w) within side x side with the frame's aspect ratio (as images: no crop)."""
-    scale = side / max(height, width)
-    return max(1, round(height * scale)), max(1, round(width * scale))
-
-
-def preprocess(path: Path, modality: Modality, *, max_frames: int | None = None,
+def preprocess(path: Path, modality: Modality, *, max_frames: int | None = None, max_tiles: int | None = None,
                single_frame: bool = False) -> dict:
-    """Decode up to F uniformly sampled frames, resized to fit one tile (aspect kept, padded
-    with black at the bottom / right as images are), padded to F frames.
+    """Decode up to F uniformly sampled frames, resized and tiled like images (the tile grid
+    that fits the video best, up to ``max_tiles``; aspect kept, black padding at the bottom /
+    right), padded to F frames. Frames are resized while decoding: memory is bounded by F
+    and the grid, never by the file.
 
     ``single_frame``: keep only the middle sampled frame, in its place (other frames masked):
     the single-frame baseline.
 
-    Returns ``{"frames": (F, 3, s, s) uint8, "frame_mask": (F,) bool}``.
+    Returns ``{"frames": (F, T, 3, s, s) uint8, "frame_mask": (F,) bool, "tile_mask": (T,)
+    bool, "aspect": () long}`` with T the encoder's max tiles.
     """
     enc = modality.encoder
     F = int(max_frames or enc.max_frames)
-    s = enc.frame_size
+    s, T = enc.frame_size, enc.max_tiles
+    use = min(max_tiles or T, T)
     info = video_info(path)
-    h, w = _fit(info.height, info.width, s)
+    cols, rows = best_grid(info.width, info.height, s, use)
+    scale = min(cols * s / info.width, rows * s / info.height)
+    h, w = max(1, round(info.height * scale)), max(1, round(info.width * scale))
     clip = load_video(path, max_frames=F, size=(h, w))  # (f, 3, h, w) uint8
     f = clip.shape[0]
-    frames = torch.zeros(F, 3, s, s, dtype=torch.uint8)
-    frames[:f, :, :h, :w] = clip
+    canvas = clip.new_zeros(f, 3, rows * s, cols * s)
+    canvas[:, :, :h, :w] = clip
+    tiles = canvas.view(f, 3, rows, s, cols, s).permute(0, 2, 4, 1, 3, 5).reshape(f, rows * cols, 3, s, s)
+    frames = torch.zeros(F, T, 3, s, s, dtype=torch.uint8)
+    frames[:f, :rows * cols] = tiles
     mask = torch.arange(F) < f
     if single_frame:
-        mid = f // 2
-        keep = torch.arange(F) == mid
-        frames = frames * keep[:, None, None, None].to(frames.dtype)
+        keep = torch.arange(F) == f // 2
+        frames = frames * keep[:, None, None, None, None].to(frames.dtype)
         mask = keep
-    return {"frames": frames, "frame_mask": mask}
+    return {"frames": frames, "frame_mask": mask, "tile_mask": torch.arange(T) < rows * cols,
+            "aspect": torch.tensor(possible_grids(T).index((cols, rows)))}
 
 
 # -- the built-in synthetic source ---------------------------------------------------------

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from encoders.image_io import possible_grids
 from encoders.video_io import load_video
 from mm.modalities import builtin_types
 from mm.modalities.base import LLMShape, llm_shape
@@ -35,19 +36,20 @@ def tiny_video_mm(llm, *, seed=1, frames_per_group=4):
 
 def video_media(b, *, frames=F, positions=None, seed=3):
     g = torch.Generator().manual_seed(seed)
-    x = torch.randint(0, 256, (b, F, 3, S, S), generator=g, dtype=torch.uint8)
+    x = torch.randint(0, 256, (b, F, 1, 3, S, S), generator=g, dtype=torch.uint8)
     mask = (torch.arange(F) < frames)[None].expand(b, F).clone()
     x[~mask] = 0
     pos = positions if positions is not None else torch.zeros(b, 1, dtype=torch.long)
-    return MediaInput(inputs={"frames": x, "frame_mask": mask}, valid=torch.ones(b, 1, dtype=torch.bool),
-                      positions=pos)
+    inputs = {"frames": x, "frame_mask": mask, "tile_mask": torch.ones(b, 1, dtype=torch.bool),
+              "aspect": torch.zeros(b, dtype=torch.long)}
+    return MediaInput(inputs=inputs, valid=torch.ones(b, 1, dtype=torch.bool), positions=pos)
 
 
 def clip_file(path, frames, h=S, w=S):
-    """An mp4 whose frame t is filled with grey level 10 * t (readable back by index)."""
+    """An mp4 whose frame t is filled with grey level 15 * t (readable back by index)."""
     x = np.zeros((frames, h, w, 3), np.uint8)
     for t in range(frames):
-        x[t] = 10 * t
+        x[t] = 15 * t
     write_mp4(path, x, 8, crf=0)
     return path
 
@@ -136,23 +138,30 @@ def test_preprocess_samples_uniformly_and_pads_to_max_frames(tmp_path):
     p = clip_file(tmp_path / "a.mp4", 16)
     item = preprocess(read(p), mod, max_frames=4)  # 16 frames -> centres of 4 segments
     want = load_video(p, max_frames=4)
-    assert item["frames"].shape == (4, 3, S, S) and item["frames"].dtype == torch.uint8
-    assert torch.equal(item["frames"], want)
-    assert [int(x) for x in item["frames"][:, 0, 0, 0] // 10] == [2, 6, 10, 14]
+    assert item["frames"].shape == (4, 1, 3, S, S) and item["frames"].dtype == torch.uint8
+    assert torch.equal(item["frames"][:, 0], want)
+    assert [round(int(x) / 15) for x in item["frames"][:, 0, 0, 0, 0]] == [2, 6, 10, 14]
     short = preprocess(read(clip_file(tmp_path / "b.mp4", 5)), mod)  # fewer than F frames
-    assert short["frames"].shape == (F, 3, S, S) and short["frame_mask"].tolist() == [True] * 5 + [False] * 3
+    assert short["frames"].shape == (F, 1, 3, S, S) and short["frame_mask"].tolist() == [True] * 5 + [False] * 3
     one = preprocess(read(p), mod, single_frame=True)
     assert one["frame_mask"].nonzero().flatten().tolist() == [4]  # the middle of 8 sampled frames
     assert int(one["frames"][~one["frame_mask"]].max()) == 0
 
 
-def test_preprocess_keeps_aspect_like_images(tmp_path):
-    mod = build_video(LLMShape(64, 8, 4, 2), encoder=ENCODER, max_frames=2, adapter=dict(layers=[1]))
-    x = np.full((2, 64, 128, 3), 200, np.uint8)  # 2:1 -> 16 x 32 inside the 32 x 32 tile
+def test_preprocess_keeps_aspect_and_tiles_like_images(tmp_path):
+    x = np.full((2, 64, 128, 3), 200, np.uint8)  # 2:1
     write_mp4(tmp_path / "wide.mp4", x, 8, crf=0)
-    item = preprocess(read(tmp_path / "wide.mp4"), mod)
-    rows = item["frames"][0, 0].float().mean(1)  # (S,)
+    one = build_video(LLMShape(64, 8, 4, 2), encoder=ENCODER, max_frames=2, adapter=dict(layers=[1]))
+    item = preprocess(read(tmp_path / "wide.mp4"), one)  # one tile: 16 x 32 inside 32 x 32
+    rows = item["frames"][0, 0, 0].float().mean(1)  # (S,)
     assert rows[:16].min() > 150 and rows[16:].max() == 0  # bottom padded with black
+    four = build_video(LLMShape(64, 8, 4, 2), encoder=dict(ENCODER, max_tiles=4), max_frames=2, adapter=dict(layers=[1]))
+    item = preprocess(read(tmp_path / "wide.mp4"), four)  # the image path's grid: 2 x 1 tiles of 32
+    assert item["frames"].shape == (2, 4, 3, S, S) and item["tile_mask"].tolist() == [True, True, False, False]
+    assert int(item["aspect"]) == possible_grids(4).index((2, 1))
+    assert item["frames"][:, :2].float().mean() > 150 and int(item["frames"][:, 2:].max()) == 0
+    feats, mask = four.encode({k: v[None] for k, v in item.items()})
+    assert feats.shape[0] == 1 and mask.all()
 
 
 # -- bad inputs -------------------------------------------------------------------------------
@@ -201,30 +210,41 @@ def test_cli_caption_bad_video_is_one_line(tmp_path, capsys, video_run):
     bad = bad_files(tmp_path)
     for kind in ("truncated", "audio"):
         assert main(["caption", "--model", str(video_run), str(bad[kind])]) == 2
-        err = capsys.readouterr().err.strip()
-        assert err.startswith("mm: error:") and "\n" not in err and str(bad[kind]) in err, err
+        err = capsys.readouterr().err
+        lines = [l for l in err.splitlines() if l.startswith("mm:") or "Traceback" in l]
+        assert len(lines) == 1 and lines[0].startswith("mm: error:") and str(bad[kind]) in lines[0], err
     assert main(["caption", "--model", str(video_run), str(clip_file(tmp_path / "ok.mp4", 8))]) == 0
     assert capsys.readouterr().out.startswith(str(tmp_path / "ok.mp4"))
     assert main(["ask", "--model", str(video_run), "--video", str(tmp_path / "ok.mp4"), "which way?"]) == 0
 
 
 # -- a short video_adapter stage ----------------------------------------------------------------
-def _image_run(tmp_path, tiny_llm_dir, image_manifest):
+@pytest.fixture(scope="module")
+def image_run(tmp_path_factory, tiny_llm_dir):
+    """A two-step image run on a tiny LLM (the video stage starts from it)."""
+    from PIL import Image
+
     from mm.config import load_config
     from mm.train import train
 
+    d = tmp_path_factory.mktemp("image")
+    rows = []
+    for i, (name, rgb) in enumerate([("red", (255, 0, 0)), ("blue", (0, 0, 255))] * 2):
+        Image.new("RGB", (S, S), rgb).save(d / f"{i}.png")
+        rows.append(json.dumps({"image": f"{i}.png", "text": f"a {name} square"}))
+    (d / "m.jsonl").write_text("\n".join(rows) + "\n")
     cfg = load_config(CONFIGS / "demo" / "image_adapter_pretrain.yaml", [
-        f"out={tmp_path / 'image'}", f"model.llm={tiny_llm_dir}", "init_from=null",
-        f"data.sources=[{{type: manifest, path: {image_manifest}}}]", "optim.steps=2", "optim.batch_size=2",
+        f"out={d / 'run'}", f"model.llm={tiny_llm_dir}", "init_from=null",
+        f"data.sources=[{{type: manifest, path: {d / 'm.jsonl'}}}]", "optim.steps=2", "optim.batch_size=2",
         "optim.warmup_steps=1", "model.modalities.image.adapter={every: 2}", "checkpoint_every=100"])
     return train(cfg, progress=False)
 
 
-def _video_cfg(tmp_path, tiny_llm_dir, image_run, data, out="video", extra=()):
+def _video_cfg(out, tiny_llm_dir, image_run, data, extra=()):
     from mm.config import load_config
 
     cfg = load_config(CONFIGS / "demo" / "video_adapter.yaml", [
-        f"out={tmp_path / out}", f"model.llm={tiny_llm_dir}", f"init_from={image_run}",
+        f"out={out}", f"model.llm={tiny_llm_dir}", f"init_from={image_run}",
         "model.modalities.image.adapter={every: 2}",
         "model.modalities.video.adapter={image_layers: {every: 2}, every_image: 2}",
         "model.modalities.video.max_frames=8", "model.modalities.video.aggregator.frames_per_group=4",
@@ -234,32 +254,33 @@ def _video_cfg(tmp_path, tiny_llm_dir, image_run, data, out="video", extra=()):
     return cfg
 
 
-@pytest.fixture
-def video_data(tmp_path):
+@pytest.fixture(scope="module")
+def video_data(tmp_path_factory):
     """Six tiny moving-shapes clips in a manifest, plus one corrupt and one missing entry."""
-    make_dataset(tmp_path / "clips", n=6, seed=0, num_frames=8, size=S)
-    m = tmp_path / "clips" / "train.jsonl"
-    (tmp_path / "clips" / "bad.mp4").write_bytes(b"junk" * 100)
+    d = tmp_path_factory.mktemp("clips")
+    make_dataset(d, n=6, seed=0, num_frames=8, size=S)
+    m = d / "train.jsonl"
+    (d / "bad.mp4").write_bytes(b"junk" * 100)
     with open(m, "a") as f:
         f.write(json.dumps({"video": "bad.mp4", "text": "a red circle moves up"}) + "\n")
         f.write(json.dumps({"video": "gone.mp4", "text": "a red circle moves up"}) + "\n")
     return m
 
 
-@pytest.fixture
-def video_run(tmp_path, tiny_llm_dir, image_manifest, video_data):
+@pytest.fixture(scope="module")
+def video_run(tmp_path_factory, tiny_llm_dir, image_run, video_data):
     from mm.train import train
 
-    image = _image_run(tmp_path, tiny_llm_dir, image_manifest)
-    cfg = _video_cfg(tmp_path, tiny_llm_dir, image, video_data, extra=["data.max_bad_fraction=0.5"])
-    return train(cfg, progress=False)
+    out = tmp_path_factory.mktemp("video") / "run"
+    return train(_video_cfg(out, tiny_llm_dir, image_run, video_data, extra=["data.max_bad_fraction=0.5"]),
+                 progress=False)
 
 
-def test_video_stage_trains_only_video_parts_and_skips_bad_clips(tmp_path, video_run):
+def test_video_stage_trains_only_video_parts_and_skips_bad_clips(image_run, video_run):
     from mm.checkpoint import load_tensors
     from mm.runs import load_run
 
-    img, _ = load_tensors(tmp_path / "image" / "model" / "modalities.safetensors")
+    img, _ = load_tensors(image_run / "model" / "modalities.safetensors")
     vid, _ = load_tensors(video_run / "model" / "modalities.safetensors")
     for k, v in img.items():  # the image path is untouched
         assert torch.equal(vid[k], v), k
@@ -274,12 +295,12 @@ def test_video_stage_trains_only_video_parts_and_skips_bad_clips(tmp_path, video
     assert set(model.modalities) == {"image", "video"}
 
 
-def test_init_from_image_adapter(tmp_path, tiny_llm_dir, image_manifest, video_data):
+def test_init_from_image_adapter(tmp_path, tiny_llm_dir, image_run, video_data):
     from mm.checkpoint import load_tensors
     from mm.runs import build_model, load_weights
 
-    image = _image_run(tmp_path, tiny_llm_dir, image_manifest)
-    cfg = _video_cfg(tmp_path, tiny_llm_dir, image, video_data, out="v2")
+    image = image_run
+    cfg = _video_cfg(tmp_path / "v2", tiny_llm_dir, image, video_data)
     layers = [int(i) for i in build_model(cfg.model)[0].modalities["video"].xattn]
     cfg.init_copy = {**cfg.init_copy, **image_adapter_copy(layers)}
     model, _, _ = build_model(cfg.model)
@@ -300,15 +321,32 @@ def test_llama3_scale_configs_instantiate():
     from mm.config import load_config
     from mm.modalities.video import build as build_v
 
-    shape = LLMShape(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8)  # Llama 3 8B
+    import transformers
+
     files = sorted((CONFIGS / "video").glob("*.yaml"))
     assert files
     for f in files:
         assert f.read_text().startswith("# mm train configs/video/")
         cfg = load_config(f)
+        shape = llm_shape(transformers.AutoConfig.for_model(**cfg.extra["llm_config"]))  # Llama 3 8B
         assert "video.xattn" in cfg.trainable
         with torch.device("meta"):
             mods = {n: {"image": build_image, "video": build_v}[n](shape, **{k: v for k, v in s.items() if k != "type"})
                     for n, s in cfg.model.modalities.items()}
         assert mods["video"].layer_indices == [15, 31]
         assert mods["video"].encoder.aggregator.frames_per_group in (16, 32)
+
+
+def test_models_sharing_one_llm_use_their_own_adapters():
+    """Stages of one process share the cached LLM: an earlier model's hooks must stay inert."""
+    llm = tiny_llm()
+    ids = torch.randint(1, 128, (2, 12))
+    first = tiny_video_mm(llm, seed=1)
+    open_gates(first)
+    first(ids, media={"video": video_media(2)})
+    second = tiny_video_mm(llm, seed=5)
+    open_gates(second)
+    alone = tiny_video_mm(tiny_llm(), seed=5)
+    open_gates(alone)
+    media = {"video": video_media(2), "image": image_media(2)}
+    assert torch.equal(second(ids, media=media), alone(ids, media=media))

@@ -1,0 +1,698 @@
+"""``mm bench``: our model against Hugging Face's Mllama at the same shapes, in one process.
+
+The protocol is ``PERFORMANCE.md``'s. Both models are built with random weights at the same
+shapes and live side by side; every measured step alternates between them (the side that
+goes first alternates too), so machine load hits both alike and the ratios stay fair even on
+a busy machine. Reported, for each side and as the ratio peer time / our time:
+
+- adapter training, text tokens/s, with the vision encoder trainable and frozen (median of
+  the timed steps; loss, backward, fused AdamW step on the trainable parameters only);
+- peak memory of a training step (the side's own weights and optimizer state plus what the
+  step allocates; on CPU the resident set is measured the same way);
+- MFU by ``PERFORMANCE.md``'s frozen-LLM FLOP counting (:mod:`mm.flops`);
+- greedy generation, new tokens/s at two batch sizes, prefill and image encoding included.
+
+Shapes: ``cpu`` (2 cores, fp32, a tiny image encoder of equal size on both sides) and
+``1b-xattn`` (Llama-3.2-1B text shapes, ViT-H/14 at one 560 px tile, bf16, one GPU).
+Environment knobs: ``MM_BENCH_THREADS`` overrides the CPU thread count (the protocol's is 2);
+``MM_BENCH_COMPILE=1`` adds a pass of ours with regional
+``torch.compile`` (training rows "ours+compile"); ``MM_BENCH_DEADLINE`` (seconds) skips that
+pass when the run is already older than the deadline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from mm.flops import H100_BF16_PEAK, count_model, train_step_flops
+
+
+@dataclass
+class Shapes:
+    name: str
+    # text model
+    d: int
+    layers: int  # self-attention layers
+    heads: int
+    kv_heads: int
+    ffn: int
+    vocab: int
+    xattn: list[int]  # ours: cross-attention before these self-attention layers
+    rope_theta: float = 500000.0
+    tie_embeddings: bool = True
+    # image encoder (open_clip ViT for ours, MllamaVisionModel for the peer)
+    image_size: int = 32
+    patch: int = 8
+    vit_width: int = 96
+    vit_layers: int = 4
+    vit_head_width: int = 32
+    vit_mlp_ratio: float = 2.0
+    vit_indices: list[int] = field(default_factory=lambda: [0, 1, 2])
+    gated_layers: int = 1
+    # protocol
+    dtype: str = "float32"
+    threads: int | None = None
+    train_batch: int = 2
+    train_len: int = 128
+    warmup: int = 3
+    timed: int = 10
+    gen_prompt: int = 16
+    gen_new: int = 32
+    gen_batches: tuple[int, ...] = (1, 4)
+    gen_reps: int = 3
+    gpu: bool = False
+
+    @property
+    def media_tokens(self) -> int:
+        return (self.image_size // self.patch) ** 2 + 1
+
+
+SHAPES = {
+    "cpu": Shapes(name="cpu", d=256, layers=8, heads=8, kv_heads=2, ffn=1024, vocab=32000, xattn=[3, 7],
+                  threads=2, gen_reps=3),
+    "1b-xattn": Shapes(name="1b-xattn", d=2048, layers=16, heads=32, kv_heads=8, ffn=8192, vocab=128256,
+                       xattn=[3, 7, 11, 15], image_size=560, patch=14, vit_width=1280, vit_layers=32,
+                       vit_head_width=80, vit_mlp_ratio=4.0, vit_indices=[3, 7, 15, 23, 30], gated_layers=8,
+                       dtype="bfloat16", train_batch=8, train_len=1024, gen_prompt=32, gen_new=64,
+                       gen_batches=(1, 16), gen_reps=3, gpu=True),
+    # for tests only: seconds on a CPU
+    "micro": Shapes(name="micro", d=64, layers=4, heads=4, kv_heads=2, ffn=256, vocab=512, xattn=[1, 3],
+                    image_size=16, patch=8, vit_width=32, vit_layers=2, vit_head_width=16, vit_indices=[0],
+                    train_batch=2, train_len=16, warmup=1, timed=2, gen_prompt=4, gen_new=4, gen_batches=(1, 2),
+                    gen_reps=1),
+}
+
+ENCODER_NOTE = ("image encoders of equal size on both sides: ours an open_clip ViT ({w} wide, {l} layers, "
+                "patch {p}, {s} px, features of layers {idx} + last) with {g} gated global layer(s); the peer "
+                "MllamaVisionModel with the same widths, depths and feature layers, one tile (max_num_tiles=1); "
+                "both project to (B, {m}, {d}) media features")
+
+
+# -- building the two models ---------------------------------------------------------------
+def _rope(cfg_cls, theta: float, **kw):
+    try:
+        return cfg_cls(**kw, rope_parameters={"rope_type": "default", "rope_theta": theta})
+    except TypeError:
+        return cfg_cls(**kw, rope_theta=theta)
+
+
+def build_ours(s: Shapes, device, dtype):
+    """LlamaForCausalLM (random, frozen) + our image modality (open_clip ViT + gated
+    cross-attention before ``s.xattn``)."""
+    import transformers as tf
+
+    from adapters.cross_attention import GatedCrossAttention
+    from encoders.image import ImageEncoder, build_vit
+    from mm.llm import freeze
+    from mm.modality import Modality
+    from mm.model import MultimodalLM
+
+    cfg = _rope(tf.LlamaConfig, s.rope_theta, vocab_size=s.vocab, hidden_size=s.d, intermediate_size=s.ffn,
+                num_hidden_layers=s.layers, num_attention_heads=s.heads, num_key_value_heads=s.kv_heads,
+                max_position_embeddings=max(2048, s.train_len * 2), pad_token_id=0, bos_token_id=1,
+                eos_token_id=None, tie_word_embeddings=s.tie_embeddings)
+    cfg._attn_implementation = "sdpa"
+    with torch.device(device):
+        llm = tf.LlamaForCausalLM(cfg)
+        vit = build_vit(preset="tiny", image_size=s.image_size, patch_size=s.patch, width=s.vit_width,
+                        layers=s.vit_layers, head_width=s.vit_head_width, mlp_ratio=s.vit_mlp_ratio)
+        enc = ImageEncoder(vit=vit, layer_indices=list(s.vit_indices), out_dim=s.d, gated_layers=s.gated_layers,
+                           max_tiles=1)
+        xattn = {i: GatedCrossAttention(dim=s.d, media_dim=s.d, n_heads=s.heads, n_kv_heads=s.kv_heads,
+                                        head_dim=s.d // s.heads, ffn_dim=s.ffn, norm_eps=cfg.rms_norm_eps)
+                 for i in s.xattn}
+        mod = Modality(kind="xattn", encoder=enc, xattn=xattn)
+    llm = freeze(llm.to(dtype))
+    return MultimodalLM(llm, {"image": mod.to(device=device, dtype=dtype)})
+
+
+def build_peer(s: Shapes, device, dtype):
+    """MllamaForConditionalGeneration (random) at the same shapes: a cross-attention layer
+    before the same self-attention layers (HF numbering shifts by the ones before it)."""
+    import transformers as tf
+
+    n = len(s.vit_indices)
+    vc = tf.MllamaVisionConfig(hidden_size=s.vit_width, attention_heads=s.vit_width // s.vit_head_width,
+                               intermediate_size=int(s.vit_width * s.vit_mlp_ratio), num_hidden_layers=s.vit_layers,
+                               num_global_layers=s.gated_layers, image_size=s.image_size, patch_size=s.patch,
+                               max_num_tiles=1, supported_aspect_ratios=[[1, 1]],
+                               intermediate_layers_indices=list(s.vit_indices), vision_output_dim=s.vit_width * (n + 1))
+    cross = [i + k for k, i in enumerate(sorted(s.xattn))]
+    tc = _rope(tf.MllamaTextConfig, s.rope_theta, vocab_size=s.vocab, hidden_size=s.d, intermediate_size=s.ffn,
+               num_hidden_layers=s.layers + len(cross), num_attention_heads=s.heads, num_key_value_heads=s.kv_heads,
+               cross_attention_layers=cross, max_position_embeddings=max(2048, s.train_len * 2), pad_token_id=0,
+               bos_token_id=1, eos_token_id=None)
+    cfg = tf.MllamaConfig(vision_config=vc, text_config=tc)
+    cfg._attn_implementation = "sdpa"
+    with torch.device(device):
+        peer = tf.MllamaForConditionalGeneration(cfg)
+    peer = peer.to(dtype)
+    for p in peer.parameters():
+        p.requires_grad_(False)
+    peer.generation_config.eos_token_id = None
+    peer.generation_config.pad_token_id = 0
+    return peer
+
+
+def set_trainable_ours(model, encoder_trainable: bool) -> list:
+    from mm.trainable import set_trainable
+    pre = ["image"] if encoder_trainable else ["image.xattn", "image.encoder.norm", "image.encoder.proj"]
+    set_trainable(model, pre)
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def set_trainable_peer(peer, encoder_trainable: bool) -> list:
+    for p in peer.parameters():
+        p.requires_grad_(False)
+    lm = peer.model.language_model
+    parts = [lm.layers[i] for i in lm.cross_attention_layers] + [peer.model.multi_modal_projector]
+    if encoder_trainable:
+        parts.append(peer.model.vision_model)
+    for m in parts:
+        for p in m.parameters():
+            p.requires_grad_(True)
+    return [p for p in peer.parameters() if p.requires_grad]
+
+
+def train_mode(ours, peer, encoder_trainable: bool) -> None:
+    """Training mode; a frozen vision tower runs in eval mode (neither has dropout, so this
+    changes no result, but a frozen open_clip ViT then takes PyTorch's fused attention path)."""
+    ours.train()
+    if peer is not None:
+        peer.train()
+    if not encoder_trainable:
+        enc = ours.modalities["image"].encoder
+        enc.vit.eval()
+        enc.blocks.eval()
+        if peer is not None:
+            peer.model.vision_model.eval()
+
+
+def make_optimizer(params, device):
+    kw = dict(lr=1e-5, weight_decay=0.0)
+    for fused in (True, False):
+        try:
+            opt = torch.optim.AdamW(params, fused=fused, **kw)
+            return opt, fused
+        except (RuntimeError, TypeError, ValueError):
+            continue
+    return torch.optim.AdamW(params, **kw), False
+
+
+# -- inputs --------------------------------------------------------------------------------
+def inputs(s: Shapes, batch: int, length: int, device, dtype, seed: int = 0) -> dict:
+    from mm.model import MediaInput
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, s.vocab, (batch, length), generator=g).to(device)
+    pix = torch.randn(batch, 1, 3, s.image_size, s.image_size, generator=g).to(device=device, dtype=dtype)
+    att = torch.ones(batch, length, dtype=torch.long, device=device)
+    media = MediaInput(inputs={"pixels": pix, "tile_mask": torch.ones(batch, 1, dtype=torch.bool, device=device),
+                               "aspect": torch.zeros(batch, dtype=torch.long, device=device)},
+                       valid=torch.ones(batch, 1, dtype=torch.bool, device=device),
+                       positions=torch.zeros(batch, 1, dtype=torch.long, device=device))  # image seen from the start
+    peer = dict(pixel_values=pix[:, None], aspect_ratio_ids=torch.ones(batch, 1, dtype=torch.long, device=device),
+                aspect_ratio_mask=torch.ones(batch, 1, 1, dtype=torch.long, device=device),
+                cross_attention_mask=torch.ones(batch, length, 1, 1, dtype=torch.long, device=device))
+    return dict(ids=ids, att=att, media={"image": media}, peer=peer)
+
+
+# -- measuring -----------------------------------------------------------------------------
+class Clock:
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+
+    def sync(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def time(self, fn) -> tuple[float, float]:
+        """(wall seconds, process CPU seconds) of one call."""
+        self.sync()
+        t0, c0 = time.perf_counter(), time.process_time()
+        fn()
+        self.sync()
+        return time.perf_counter() - t0, time.process_time() - c0
+
+
+def _libc():
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+def _proc_kib(field_name: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def persistent_bytes(model, opt=None) -> int:
+    n = tensor_bytes(model.parameters()) + tensor_bytes(model.buffers())
+    if opt is not None:
+        n += tensor_bytes(v for st in opt.state.values() for v in st.values() if torch.is_tensor(v))
+    return n
+
+
+def measure_step_memory(fn, device, own_bytes: int) -> dict:
+    """Peak memory of one call of ``fn``: the side's persistent bytes plus what the call
+    allocates on top of everything already held (both models live in this process)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        extra = torch.cuda.max_memory_allocated() - base
+        return {"peak_bytes": own_bytes + extra, "step_bytes": extra}
+    # CPU: big allocations are mmapped (and so leave the resident set when freed), the
+    # high-water mark is reset, then the resident set's peak above the start is the step's.
+    libc = _libc()
+    if libc is not None:
+        libc.mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD = 64 KiB
+        libc.malloc_trim(0)
+    gc.collect()
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        base = _proc_kib("VmRSS")
+        fn()
+        peak = _proc_kib("VmHWM")
+        extra = max(0, (peak - base) * 1024)
+        return {"peak_bytes": own_bytes + extra, "step_bytes": extra, "process_peak_rss_bytes": peak * 1024}
+    except (OSError, TypeError):
+        fn()
+        return {"peak_bytes": None, "step_bytes": None}
+
+
+def _median(xs):
+    return statistics.median(xs) if xs else float("nan")
+
+
+def alternate(clock: Clock, fns: dict, warmup: int, timed: int, log=None, cpu: dict | None = None
+              ) -> dict[str, list[float]]:
+    """Run each side ``warmup + timed`` times, alternating sides (and who goes first).
+    Returns the wall times of the timed runs; ``cpu`` (if given) gets their process CPU times."""
+    names = list(fns)
+    times = {k: [] for k in names}
+    for i in range(warmup + timed):
+        order = names if i % 2 == 0 else names[::-1]
+        now = {}
+        for k in order:
+            now[k] = clock.time(fns[k])
+            if i >= warmup:
+                times[k].append(now[k][0])
+                if cpu is not None:
+                    cpu.setdefault(k, []).append(now[k][1])
+        if log:
+            log(f"  {'warm-up' if i < warmup else 'step'} {i + 1}/{warmup + timed}: "
+                + ", ".join(f"{k} {now[k][0]:.3f}s (cpu {now[k][1]:.2f}s)" for k in names))
+    return times
+
+
+# -- regional torch.compile (optional) -------------------------------------------------------
+@contextlib.contextmanager
+def compiled_regions(model):
+    """Compile the repeated blocks of ``model`` (decoder layers, cross-attention blocks,
+    ViT blocks, gated blocks) one by one; undone on exit (the modules are left as found)."""
+    mods = list(model.layers)
+    for mod in model.modalities.values():
+        if mod.kind == "xattn":
+            mods += list(mod.xattn.values())
+        enc = getattr(mod, "encoder", None)
+        if enc is not None and hasattr(enc, "vit"):
+            mods += list(enc.vit.transformer.resblocks) + list(enc.blocks)
+    from mm.model import MEDIA_KWARG
+
+    media_kw = getattr(model, "_media_kw", MEDIA_KWARG)
+
+    def wrap(fn):
+        compiled = torch.compile(fn, dynamic=False)
+
+        def forward(*args, **kwargs):
+            # media reach every layer as a kwarg (the hooks have used them): left in, dynamo
+            # would guard on them and recompile at every step
+            kwargs.pop(media_kw, None)
+            return compiled(*args, **kwargs)
+        return forward
+
+    for m in mods:
+        m.forward = wrap(m.forward)
+    try:
+        yield
+    finally:
+        for m in mods:
+            del m.forward
+
+
+# -- the benchmark -------------------------------------------------------------------------
+def peak_flops(device) -> tuple[float | None, str]:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        if "H100" in name or "H200" in name or "H800" in name:
+            return H100_BF16_PEAK, f"{name}: 989.4 TFLOP/s dense bf16 (datasheet)"
+        if "A100" in name:
+            return 312e12, f"{name}: 312 TFLOP/s dense bf16 (datasheet)"
+        return None, f"{name}: peak unknown"
+    # CPU: a measured fp32 matmul rate stands in for the peak
+    a = torch.randn(1024, 1024)
+    a @ a
+    t0 = time.perf_counter()
+    n = 0
+    while time.perf_counter() - t0 < 0.3:
+        a @ a
+        n += 1
+    rate = n * 2 * 1024 ** 3 / (time.perf_counter() - t0)
+    return rate, f"CPU: measured fp32 1024^3 matmul, {rate / 1e9:.0f} GFLOP/s"
+
+
+def run_bench(s: Shapes, device, *, log=None, compile_pass: bool = False, deadline: float | None = None,
+              checkpoint=None) -> dict:
+    """Run the protocol; returns the results (see :func:`rows`). ``checkpoint(result)`` is
+    called with partial results after each part."""
+    start = time.perf_counter()
+    log = log or (lambda *_: None)
+    dtype = getattr(torch, s.dtype)
+    threads = int(os.environ.get("MM_BENCH_THREADS") or 0) or s.threads
+    if threads and device.type == "cpu":
+        torch.set_num_threads(threads)
+        s = replace(s, threads=threads)
+    torch.manual_seed(0)
+    clock = Clock(device)
+    res: dict = {"shapes": dict(asdict(s), media_tokens=s.media_tokens), "device": str(device),
+                 "versions": _versions(), "notes": [], "train": {}, "generate": {}}
+    res["notes"].append(ENCODER_NOTE.format(w=s.vit_width, l=s.vit_layers, p=s.patch, s=s.image_size,
+                                            idx=list(s.vit_indices), g=s.gated_layers, m=s.media_tokens, d=s.d))
+    peak, peak_note = peak_flops(device)
+    res["peak_flops"], res["notes"] = peak, res["notes"] + [f"MFU peak: {peak_note}"]
+    log(f"building models ({s.name}, {device}, {s.dtype})")
+    ours = build_ours(s, device, dtype)
+    peer = build_peer(s, device, dtype)
+    res["params"] = {"ours": sum(p.numel() for p in ours.parameters()),
+                     "peer": sum(p.numel() for p in peer.parameters())}
+    llm_count, enc_count = count_model(ours)
+
+    # -- training
+    x = inputs(s, s.train_batch, s.train_len, device, dtype)
+    ids, att, media, pk = x["ids"], x["att"], x["media"], x["peer"]
+    tokens = s.train_batch * s.train_len
+    for mode in ("trainable", "frozen"):
+        enc_tr = mode == "trainable"
+        train_mode(ours, peer, enc_tr)
+        opts = {"ours": make_optimizer(set_trainable_ours(ours, enc_tr), device)[0],
+                "peer": make_optimizer(set_trainable_peer(peer, enc_tr), device)[0]}
+
+        def step_ours(opt=opts["ours"]):
+            loss = ours.loss(ids, ids, attention_mask=att, media=media)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        def step_peer(opt=opts["peer"]):
+            out = peer(input_ids=ids, attention_mask=att, labels=ids, use_cache=False, **pk)
+            out.loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        log(f"training, vision encoder {mode}")
+        cpu = {}
+        times = alternate(clock, {"ours": step_ours, "peer": step_peer}, s.warmup, s.timed, log, cpu)
+        flops = train_step_flops(llm_count, batch=s.train_batch, text_len=s.train_len, media_tokens=s.media_tokens,
+                                 encoder=enc_count, encoder_trainable=enc_tr)
+        part = {"flops": flops}
+        for side, model, fn in (("ours", ours, step_ours), ("peer", peer, step_peer)):
+            t = _median(times[side])
+            mem = measure_step_memory(fn, device, persistent_bytes(model, opts[side]))
+            part[side] = {"step_s": t, "steps_s": times[side], "tokens_per_s": tokens / t,
+                          "min_step_s": min(times[side]), "cpu_step_s": _median(cpu[side]),
+                          "mfu": flops["total"] / (t * peak) if peak else None, **mem}
+        res["train"][mode] = part
+        del opts, step_ours, step_peer
+        _free(device)
+        if checkpoint:
+            checkpoint(res)
+
+    # -- generation
+    ours.eval()
+    peer.eval()
+    for p in list(ours.parameters()) + list(peer.parameters()):
+        p.requires_grad_(False)
+    fast = None if device.type == "cuda" else True  # CPU: the fast path is opt-in, so opt in
+    for b in s.gen_batches:
+        g = inputs(s, b, s.gen_prompt, device, dtype, seed=1)
+        out = {}
+
+        def gen_ours(g=g, out=out):
+            out["ours"] = ours.generate(g["ids"], g["att"], media=g["media"], max_new_tokens=s.gen_new, fast=fast)
+
+        def gen_peer(g=g, out=out):
+            out["peer"] = peer.generate(input_ids=g["ids"], attention_mask=g["att"], max_new_tokens=s.gen_new,
+                                        do_sample=False, eos_token_id=None, pad_token_id=0, **g["peer"])
+
+        fns = {"ours": gen_ours, "peer": gen_peer}
+        if device.type == "cpu":  # our default (reference) decode path too, for the record
+            def gen_ref(g=g, out=out):
+                out["ours_reference"] = ours.generate(g["ids"], g["att"], media=g["media"],
+                                                      max_new_tokens=s.gen_new, fast=False)
+            fns["ours_reference"] = gen_ref
+        log(f"generation, batch {b}")
+        cpu = {}
+        with torch.no_grad():
+            times = alternate(clock, fns, 1, s.gen_reps, log, cpu)
+        if tuple(out["ours"].shape) != (b, s.gen_new) or tuple(out["peer"].shape) != (b, s.gen_prompt + s.gen_new):
+            raise RuntimeError(f"generation made the wrong number of tokens: ours {tuple(out['ours'].shape)}, "
+                               f"peer {tuple(out['peer'].shape)}")
+        if device.type == "cuda" and b == s.gen_batches[0]:  # the fast path against the reference path
+            with torch.no_grad():
+                ref = ours.generate(g["ids"], g["att"], media=g["media"], max_new_tokens=s.gen_new, fast=False)
+            same = (ref == out["ours"]).all(0).long()
+            res["fast_decode_check"] = {"batch": b, "equal": bool(same.all()),
+                                        "leading_equal_tokens": int(same.cumprod(0).sum())}
+        res["generate"][str(b)] = {k: {"s": _median(v), "runs_s": v, "new_tokens_per_s": b * s.gen_new / _median(v),
+                                       "min_s": min(v), "cpu_s": _median(cpu[k])}
+                                   for k, v in times.items()}
+        if checkpoint:
+            checkpoint(res)
+
+    # -- optional: ours with regional torch.compile (training only)
+    if compile_pass:
+        if deadline is not None and time.perf_counter() - start > deadline:
+            res["notes"].append("compile pass skipped: past the deadline")
+        else:
+            with compiled_regions(ours):
+                for mode in ("frozen", "trainable"):
+                    enc_tr = mode == "trainable"
+                    train_mode(ours, None, enc_tr)
+                    opt = make_optimizer(set_trainable_ours(ours, enc_tr), device)[0]
+
+                    def step_c(opt=opt):
+                        loss = ours.loss(ids, ids, attention_mask=att, media=media)
+                        loss.backward()
+                        opt.step()
+                        opt.zero_grad(set_to_none=True)
+
+                    log(f"training with torch.compile, vision encoder {mode} (first steps compile)")
+                    t0 = time.perf_counter()
+                    cpu = {}
+                    times = alternate(clock, {"ours+compile": step_c}, s.warmup, s.timed, log, cpu)
+                    t = _median(times["ours+compile"])
+                    flops = res["train"][mode]["flops"]
+                    mem = measure_step_memory(step_c, device, persistent_bytes(ours, opt))
+                    res["train"][mode]["ours+compile"] = {
+                        "step_s": t, "steps_s": times["ours+compile"], "tokens_per_s": tokens / t,
+                        "min_step_s": min(times["ours+compile"]), "cpu_step_s": _median(cpu["ours+compile"]),
+                        "mfu": flops["total"] / (t * peak) if peak else None,
+                        "wall_incl_compile_s": time.perf_counter() - t0, **mem}
+                    del opt, step_c
+                    _free(device)
+                    if checkpoint:
+                        checkpoint(res)
+    res["wall_s"] = time.perf_counter() - start
+    res["rows"] = rows(res)
+    res["goals"] = goals(res)
+    return res
+
+
+def _free(device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _versions() -> dict:
+    import transformers
+    v = {"torch": torch.__version__, "transformers": transformers.__version__, "python": sys.version.split()[0]}
+    try:
+        import open_clip
+        v["open_clip"] = open_clip.__version__
+    except (ImportError, AttributeError):
+        pass
+    return v
+
+
+# -- reporting -----------------------------------------------------------------------------
+def _ratio(a, b):
+    return a / b if a and b else None
+
+
+def rows(res: dict) -> list[dict]:
+    """The table: metric, ours, peer, ratio (>1: ours better), unit."""
+    out = []
+    gib = 1024 ** 3
+    for mode in ("trainable", "frozen"):
+        p = res["train"].get(mode)
+        if not p:
+            continue
+        o, q = p["ours"], p["peer"]
+        out.append(dict(metric=f"train text tokens/s, encoder {mode}", ours=o["tokens_per_s"], peer=q["tokens_per_s"],
+                        ratio=_ratio(q["step_s"], o["step_s"]), unit="tok/s",
+                        ratio_min=_ratio(q.get("min_step_s"), o.get("min_step_s")),
+                        ratio_cpu=_ratio(q.get("cpu_step_s"), o.get("cpu_step_s"))))
+        if "ours+compile" in p:
+            c = p["ours+compile"]
+            out.append(dict(metric=f"train text tokens/s, encoder {mode}, ours+compile", ours=c["tokens_per_s"],
+                            peer=q["tokens_per_s"], ratio=_ratio(q["step_s"], c["step_s"]), unit="tok/s",
+                            ratio_min=_ratio(q.get("min_step_s"), c.get("min_step_s")),
+                            ratio_cpu=_ratio(q.get("cpu_step_s"), c.get("cpu_step_s"))))
+        if o.get("peak_bytes") and q.get("peak_bytes"):
+            out.append(dict(metric=f"train peak memory, encoder {mode}", ours=o["peak_bytes"] / gib,
+                            peer=q["peak_bytes"] / gib, ratio=_ratio(q["peak_bytes"], o["peak_bytes"]), unit="GiB"))
+        if o.get("mfu") is not None:
+            out.append(dict(metric=f"train MFU, encoder {mode}", ours=o["mfu"], peer=q["mfu"],
+                            ratio=_ratio(o["mfu"], q["mfu"]), unit="fraction"))
+            if "ours+compile" in p and p["ours+compile"].get("mfu") is not None:
+                out.append(dict(metric=f"train MFU, encoder {mode}, ours+compile", ours=p["ours+compile"]["mfu"],
+                                peer=q["mfu"], ratio=_ratio(p["ours+compile"]["mfu"], q["mfu"]), unit="fraction"))
+    for b, g in res["generate"].items():
+        q = g["peer"]
+        for key, label in (("ours", ""), ("ours_reference", ", ours reference path")):
+            if key in g:
+                o = g[key]
+                out.append(dict(metric=f"generate new tokens/s, batch {b}{label}", ours=o["new_tokens_per_s"],
+                                peer=q["new_tokens_per_s"], ratio=_ratio(q["s"], o["s"]), unit="tok/s",
+                                ratio_min=_ratio(q.get("min_s"), o.get("min_s")),
+                                ratio_cpu=_ratio(q.get("cpu_s"), o.get("cpu_s"))))
+    return out
+
+
+def goals(res: dict) -> list[dict]:
+    """The issue's targets, checked against the results (best of eager / compiled for ours)."""
+    out = []
+    gpu = res["shapes"].get("gpu")
+    train_x, gen_x = (1.5, 3.0) if gpu else (1.3, 2.0)
+    for mode in ("trainable", "frozen"):
+        p = res["train"].get(mode)
+        if not p:
+            continue
+        best = min((p[k] for k in ("ours", "ours+compile") if k in p), key=lambda r: r["step_s"])
+        r = p["peer"]["step_s"] / best["step_s"]
+        out.append(dict(goal=f"train, encoder {mode}: >= {train_x}x peer", value=round(r, 3), met=r >= train_x))
+        if best.get("peak_bytes") and p["peer"].get("peak_bytes"):
+            out.append(dict(goal=f"train peak memory, encoder {mode}: <= peer",
+                            value=round(best["peak_bytes"] / p["peer"]["peak_bytes"], 3),
+                            met=best["peak_bytes"] <= p["peer"]["peak_bytes"]))
+        if gpu and best.get("mfu") is not None:
+            out.append(dict(goal=f"train MFU, encoder {mode}: >= 50%", value=round(best["mfu"], 3),
+                            met=best["mfu"] >= 0.5))
+    for b, g in res["generate"].items():
+        r = g["peer"]["s"] / g["ours"]["s"]
+        if gpu and b == "1":
+            v = g["ours"]["new_tokens_per_s"]
+            out.append(dict(goal="generate, batch 1: >= 300 new tokens/s", value=round(v, 1), met=v >= 300))
+        elif not gpu or b != "1":
+            out.append(dict(goal=f"generate, batch {b}: >= {gen_x}x peer", value=round(r, 3), met=r >= gen_x))
+    return out
+
+
+def format_table(res: dict) -> str:
+    def fmt(v, unit):
+        if v is None:
+            return "-"
+        if unit == "fraction":
+            return f"{100 * v:.1f}%"
+        if unit == "GiB":
+            return f"{v:.3f}" if v < 10 else f"{v:.1f}"
+        return f"{v:,.0f}" if v >= 100 else f"{v:.1f}"
+
+    s = res["shapes"]
+    v = res["versions"]
+    lines = [f"mm bench --shapes {s['name']}: {res['device']}, {s['dtype']}"
+             + (f", {s['threads']} threads" if s.get("threads") and res["device"] == "cpu" else "")
+             + f"; torch {v['torch']}, transformers {v['transformers']}",
+             f"train: batch {s['train_batch']} x {s['train_len']} text tokens, one image each "
+             f"({s['media_tokens']} media tokens), median of {s['timed']} steps after {s['warmup']}; "
+             f"generate: {s['gen_prompt']}-token prompt + image, {s['gen_new']} new tokens, greedy"]
+    lines += [f"note: {n}" for n in res["notes"]]
+    cpu = res["device"] == "cpu"
+    w = max(len(r["metric"]) for r in res["rows"]) if res["rows"] else 10
+    x = lambda v: f"{v:.2f}x" if v else "-"  # noqa: E731
+    lines.append(f"{'':<{w}}  {'ours':>12}  {'peer':>12}  {'peer/ours':>9}"
+                 + (f"  {'(min)':>7}  {'(cpu-s)':>7}" if cpu else ""))
+    for r in res["rows"]:
+        extra = f"  {x(r.get('ratio_min')):>7}  {x(r.get('ratio_cpu')):>7}" if cpu else ""
+        lines.append(f"{r['metric']:<{w}}  {fmt(r['ours'], r['unit']):>12}  {fmt(r['peer'], r['unit']):>12}  "
+                     f"{x(r['ratio']):>9}{extra}")
+    lines.append("peer/ours: peer time / our time from the medians (MFU: ours / peer; memory: peer / ours); >1 is ours "
+                 "better" + ("; (min): from the fastest runs; (cpu-s): from process CPU time, less sensitive to other "
+                             "jobs on the machine (threads spinning at a barrier still count)" if cpu else ""))
+    if "fast_decode_check" in res:
+        c = res["fast_decode_check"]
+        lines.append(f"fast decode vs reference decode, batch {c['batch']}: " + (
+            "same tokens" if c["equal"] else f"first {c['leading_equal_tokens']} tokens equal (bf16 rounding)"))
+    for gl in res.get("goals", []):
+        lines.append(f"goal {'met    ' if gl['met'] else 'NOT met'}  {gl['goal']}: {gl['value']}")
+    if "wall_s" in res:
+        lines.append(f"wall time {res['wall_s']:.0f} s")
+    return "\n".join(lines)
+
+
+def main(args) -> int:
+    shapes = getattr(args, "shapes", "cpu") or "cpu"
+    if shapes not in SHAPES:
+        raise ValueError(f"unknown shapes {shapes!r}; choose one of {sorted(SHAPES)}")
+    s = SHAPES[shapes]
+    dev = getattr(args, "device", None) or ("cuda" if s.gpu else "cpu")
+    device = torch.device(dev)
+    if device.type == "cuda":
+        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"--shapes {shapes}: no CUDA device here")
+        torch.backends.cuda.matmul.allow_tf32 = True
+    elif s.gpu:
+        raise ValueError(f"--shapes {shapes} is the GPU protocol; run it with a CUDA device")
+    json_path = getattr(args, "json", None)
+
+    def checkpoint(res):
+        if json_path:
+            Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+            res = dict(res, rows=rows(res), goals=goals(res), partial=True)
+            Path(json_path).write_text(json.dumps(res, indent=2, default=str))
+
+    deadline = os.environ.get("MM_BENCH_DEADLINE")
+    res = run_bench(s, device, log=lambda m: print(m, file=sys.stderr, flush=True),
+                    compile_pass=os.environ.get("MM_BENCH_COMPILE") == "1",
+                    deadline=float(deadline) if deadline else None, checkpoint=checkpoint)
+    print(format_table(res))
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(res, indent=2, default=str))
+    return 0

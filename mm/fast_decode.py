@@ -1,0 +1,271 @@
+"""Fast greedy decoding for :meth:`mm.model.MultimodalLM.generate`.
+
+Notation: b=batch, t=prompt columns, L=cache columns, n=new tokens, m=media tokens,
+k=key/value heads, r=query heads per key/value head, c=head width.
+
+The prefill is the reference one (:meth:`MultimodalLM.run`: media encoded, cross-attention
+keys/values projected once). Decoding then runs on static buffers: a KV cache of fixed
+length L, the current token, positions and the column to write are device tensors updated
+in place, so a decoding step has fixed shapes and no host synchronisation. On CUDA that step
+is captured once as a CUDA graph and replayed (a 1B model's step is ~300 small kernels:
+launching them one by one costs more than running them). The graph and its buffers are kept
+per (batch, cache length, media shapes) and reused by later calls.
+
+Only Llama-style decoders (llama, mistral, qwen2 without sliding windows, plain RoPE) take
+this path: the step re-implements their layer from the LLM's own modules (norms, MLP,
+projections, rotary embedding), which reads their weights in place. Others return None and
+the caller decodes the reference way. The tokens equal the reference path's up to
+floating-point rounding (attention over L masked columns instead of t).
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+
+import torch
+import torch.nn.functional as F
+
+SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
+EOS_CHECK_EVERY = 8  # decoding steps between host checks for all-rows-finished
+
+_decoders: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def unsupported(model, length: int | None = None) -> str | None:
+    """Why ``model`` cannot use the fast path (None when it can)."""
+    cfg = model.llm.config
+    if cfg.model_type not in SUPPORTED_TYPES:
+        return f"model type {cfg.model_type}"
+    window = getattr(cfg, "sliding_window", None)
+    uses_window = window is not None and (cfg.model_type != "qwen2" or getattr(cfg, "use_sliding_window", False))
+    if uses_window and (length is None or length > window):
+        return "sliding-window attention"
+    if any(lt != "full_attention" for lt in (getattr(cfg, "layer_types", None) or [])):
+        if uses_window or cfg.model_type != "qwen2":
+            return "non-full attention layers"
+    if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "attn_logit_softcapping", None):
+        return "logit soft-capping"
+    rot = getattr(model.decoder, "rotary_emb", None)
+    if rot is None or any(s in str(getattr(rot, "rope_type", "default")) for s in ("dynamic", "longrope")):
+        return "rotary embedding type"
+    layer = model.layers[0]
+    at = getattr(layer, "self_attn", None)
+    if at is None or not all(hasattr(at, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj", "scaling")):
+        return "attention module layout"
+    if not all(hasattr(layer, n) for n in ("input_layernorm", "post_attention_layernorm", "mlp")):
+        return "decoder layer layout"
+    if getattr(model.decoder, "norm", None) is None:
+        return "final norm"
+    return None
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def _cache_kv(cache, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    layers = getattr(cache, "layers", None)
+    if layers is not None:
+        return layers[i].keys, layers[i].values
+    return cache.key_cache[i], cache.value_cache[i]
+
+
+class StaticDecoder:
+    """Buffers (and on CUDA the graph) of greedy decoding for one set of shapes.
+
+    Args:
+        model: the MultimodalLM.
+        batch: b. length: L, cache columns (prompt + new tokens).
+        steps: n, tokens produced per call (the first comes from the prefill).
+        media: [(modality name, layer index, m, row_only)] of the cross-attention states.
+        graph: capture the step as a CUDA graph.
+    """
+
+    def __init__(self, model, *, batch: int, length: int, steps: int, media: list[tuple],
+                 dtype: torch.dtype, device: torch.device, graph: bool):
+        self.model = model
+        cfg = model.llm.config
+        self.b, self.L, self.n = batch, length, steps
+        at = model.layers[0].self_attn
+        self.c = getattr(at, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.kh = cfg.num_key_value_heads or cfg.num_attention_heads
+        self.h = cfg.num_attention_heads
+        z = dict(device=device, dtype=dtype)
+        self.k = [torch.zeros(batch, self.kh, length, self.c, **z) for _ in model.layers]
+        self.v = [torch.zeros(batch, self.kh, length, self.c, **z) for _ in model.layers]
+        self.bias = torch.zeros(batch, 1, 1, length, **z)  # key columns to attend: 0, others -inf
+        self.cos = torch.zeros(length, self.c, **z)  # rotary table by position
+        self.sin = torch.zeros(length, self.c, **z)
+        self.tok = torch.zeros(batch, dtype=torch.long, device=device)
+        self.pos = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.col = torch.zeros(1, dtype=torch.long, device=device)
+        self.idx = torch.zeros(1, dtype=torch.long, device=device)
+        self.out = torch.zeros(batch, steps, dtype=torch.long, device=device)
+        # cross-attention: layer -> [(block, k, v, start, valid, row_only)]
+        self.xattn: dict[int, list] = {}
+        for name, i, m, row_only in media:
+            blk = model.modalities[name].xattn[str(i)]
+            kb = torch.zeros(batch, blk.n_kv_heads, m, blk.head_dim, **z)
+            self.xattn.setdefault(i, []).append(dict(
+                name=name, block=blk, k=kb, v=torch.zeros_like(kb), row_only=row_only,
+                start=torch.zeros(batch, m, dtype=torch.long, device=device),
+                valid=torch.zeros(batch, m, dtype=torch.bool, device=device)))
+        self.graph = None
+        if graph:
+            self._capture()
+
+    # -- one decoding step on the static buffers ---------------------------------------
+    def _attention(self, i: int, layer, x: torch.Tensor, cos, sin) -> torch.Tensor:
+        at = layer.self_attn
+        b, c, h = self.b, self.c, self.h
+        q = at.q_proj(x).view(b, -1, c)  # (b, h, c)
+        k = at.k_proj(x).view(b, -1, c)  # (b, k, c)
+        v = at.v_proj(x).view(b, self.kh, 1, c)
+        qk = torch.cat([q, k], dim=1)  # rotary on queries and keys at once, as HF applies it
+        qk = (qk * cos) + (_rotate_half(qk) * sin)
+        q, k = qk[:, :h], qk[:, h:, None]  # (b, h, c), (b, k, 1, c)
+        self.k[i].index_copy_(2, self.col, k)
+        self.v[i].index_copy_(2, self.col, v)
+        qg = q.reshape(b, self.kh, h // self.kh, c)  # query heads of a group as query rows
+        a = F.scaled_dot_product_attention(qg, self.k[i], self.v[i], attn_mask=self.bias, scale=at.scaling)
+        return at.o_proj(a.reshape(b, 1, h * c))
+
+    def _step(self) -> None:
+        model, b = self.model, self.b
+        x = model.llm.get_input_embeddings()(self.tok.view(b, 1))  # (b, 1, d)
+        cos = F.embedding(self.pos, self.cos)  # (b, 1, c), = rotary_emb(x, pos)
+        sin = F.embedding(self.pos, self.sin)
+        self.bias.index_fill_(3, self.col, 0.0)
+        for i, layer in enumerate(model.layers):
+            for xa in self.xattn.get(i, ()):
+                if xa["row_only"]:
+                    mask = self.pos[:, :, None] >= xa["start"][:, None, :1]  # (b, 1, 1)
+                else:
+                    mask = (self.pos[:, :, None] >= xa["start"][:, None, :]) & xa["valid"][:, None, :]
+                x = xa["block"](x, (xa["k"], xa["v"]), mask)
+            x = x + self._attention(i, layer, layer.input_layernorm(x), cos, sin)
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        x = model.decoder.norm(x)
+        nxt = model.logits(x[:, -1]).argmax(-1)  # (b,)
+        self.out.index_copy_(1, self.idx, nxt[:, None])
+        self.tok.copy_(nxt)
+        self.pos += 1
+        self.col += 1
+        self.idx += 1
+
+    def _reset_counters(self) -> None:
+        self.col.zero_()
+        self.idx.zero_()
+
+    def _capture(self) -> None:
+        self._reset_counters()
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(2):  # warm up (cuBLAS handles, kernel selection) off the capture
+                self._step()
+        torch.cuda.current_stream().wait_stream(s)
+        self._reset_counters()
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self._step()
+
+    # -- a call ------------------------------------------------------------------------
+    def load(self, cache, attention_mask: torch.Tensor, cross: dict, first: torch.Tensor) -> None:
+        t = attention_mask.shape[1]
+        for i in range(len(self.k)):
+            k, v = _cache_kv(cache, i)
+            self.k[i][:, :, :t].copy_(k)
+            self.k[i][:, :, t:].zero_()
+            self.v[i][:, :, :t].copy_(v)
+            self.v[i][:, :, t:].zero_()
+        self.bias.fill_(float("-inf"))
+        self.bias[:, 0, 0, :t].masked_fill_(attention_mask.bool(), 0.0)
+        cos, sin = self.model.decoder.rotary_emb(self.bias[:1, 0], torch.arange(self.L, device=self.pos.device)[None])
+        self.cos.copy_(cos[0])
+        self.sin.copy_(sin[0])
+        for i, entries in self.xattn.items():
+            for xa in entries:
+                state = cross[xa["name"]]
+                k, v = state.kv[i]
+                xa["k"].copy_(k)
+                xa["v"].copy_(v)
+                xa["start"].copy_(state.start)
+                xa["valid"].copy_(state.valid)
+        self.tok.copy_(first)
+        self.pos.copy_(attention_mask.long().sum(-1, keepdim=True))
+        self.col.fill_(t)
+        self.idx.fill_(1)
+        self.out.zero_()
+        self.out[:, 0] = first
+
+    def decode(self, eos: set) -> int:
+        """Run the steps; returns how many tokens of ``out`` are produced (all of them, or
+        fewer when every row has ended: the reference path stops there too)."""
+        done_ids = torch.tensor(sorted(eos), device=self.out.device) if eos else None
+        made = 1
+        while made < self.n:
+            todo = min(EOS_CHECK_EVERY, self.n - made) if eos else self.n - made
+            for _ in range(todo):
+                if self.graph is not None:
+                    self.graph.replay()
+                else:
+                    self._step()
+            made += todo
+            if eos and bool(torch.isin(self.out[:, :made], done_ids).any(1).all()):
+                break
+        return made
+
+
+def _media_signature(cross: dict) -> list[tuple]:
+    return sorted((name, i, state.kv[i][0].shape[2], state.row_only)
+                  for name, state in cross.items() for i in state.kv)
+
+
+def fast_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, media=None,
+                  max_new_tokens: int = 32, eos: set | None = None, graph: bool | None = None):
+    """Greedy decoding with the same result as the reference path of
+    :meth:`MultimodalLM.generate`. Returns None when the model has no fast path."""
+    with torch.inference_mode():  # less per-op bookkeeping than no_grad; buffers never need autograd
+        out = _fast_generate(model, input_ids, attention_mask, media=media, max_new_tokens=max_new_tokens,
+                             eos=eos, graph=graph)
+    return out.clone() if out is not None else None  # a normal tensor for the caller
+
+
+def _fast_generate(model, input_ids, attention_mask, *, media, max_new_tokens, eos, graph):
+    eos = set(eos or ())
+    b, t = input_ids.shape
+    if max_new_tokens < 2 or os.environ.get("MM_FAST_DECODE", "1") == "0":
+        return None
+    length = -(-(t + max_new_tokens) // 64) * 64  # padded: aligned key masks for SDPA kernels
+    if unsupported(model, length) is not None:
+        return None
+    h, cache, _, encoded = model.run(input_ids, attention_mask, media=media, use_cache=True)
+    first = model.logits(h[:, -1]).argmax(-1)
+    if eos and all(int(x) in eos for x in first):
+        return model._finish(first[:, None], eos)
+    cross = encoded[0]
+    graph = input_ids.is_cuda if graph is None else graph
+    sig = _media_signature(cross)
+    key = (b, length, max_new_tokens, tuple(sig), h.dtype, str(h.device), graph,
+           tuple(p.data_ptr() for p in model.parameters()))
+    per_model = _decoders.setdefault(model, {})
+    dec = per_model.get(key)
+    if dec is None:
+        while len(per_model) >= 4:  # bound the memory held by kept graphs/buffers
+            per_model.pop(next(iter(per_model)))
+        dec = StaticDecoder(model, batch=b, length=length, steps=max_new_tokens, media=sig,
+                            dtype=h.dtype, device=h.device, graph=graph)
+        per_model[key] = dec
+    dec.load(cache, attention_mask, cross, first)
+    made = dec.decode(eos)
+    ids = dec.out[:, :made].clone()
+    if eos:  # stop where the reference path stops: the step at which every row has ended
+        hit = torch.isin(ids, torch.tensor(sorted(eos), device=ids.device))
+        first_hit = torch.where(hit.any(1), hit.float().argmax(1), torch.full_like(ids[:, 0], made))
+        last = int(first_hit.max())
+        if last < made:
+            ids = ids[:, :last + 1]
+    return model._finish(ids, eos)

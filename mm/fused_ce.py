@@ -1,0 +1,62 @@
+"""Cross-entropy through a frozen LM head, fused with its backward.
+
+Notation: s=labelled positions, d=LLM width, V=vocabulary, c=chunk of positions.
+
+With the head frozen, the only gradient needed is the one of the hidden states,
+``(softmax(h W^T) - onehot) W``, and it can be computed right away, chunk by chunk, during
+the forward pass. So no (s, V) logits are kept for the backward pass (the plain chunked
+loss keeps fp32 log-probabilities of every chunk until ``backward``), and the softmax is
+computed once instead of twice. Logits are formed in the weight's dtype and reduced in fp32,
+as the plain loss does.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, chunk: int) -> torch.Tensor:
+        s = h.shape[0]
+        need_grad = ctx.needs_input_grad[0]
+        grad = torch.empty_like(h) if need_grad else None  # (s, d)
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for i in range(0, s, chunk):
+            hc, tc = h[i:i + chunk], target[i:i + chunk]
+            n = tc.shape[0]
+            rows = torch.arange(n, device=h.device)
+            logits = hc @ weight.t()  # (c, V) in the weight's dtype, as nn.Linear gives
+            p = torch.softmax(logits, dim=-1, dtype=torch.float32)  # (c, V)
+            p_t = p[rows, tc]  # (c,)
+            # -log p_t, unless p_t underflows; then lse - x_t with lse = max - log(p_max)
+            x_t = logits[rows, tc].float()
+            m = logits.amax(-1).float()
+            exact = m - p.amax(-1).log() - x_t
+            total += torch.where(p_t > 1e-30, -p_t.log(), exact).sum()
+            if need_grad:
+                p[rows, tc] -= 1.0
+                grad[i:i + chunk] = p.to(weight.dtype) @ weight  # (c, d)
+            del logits, p
+        ctx.save_for_backward(grad if need_grad else None)
+        return total
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        (grad,) = ctx.saved_tensors
+        return (grad * g.to(grad.dtype) if grad is not None else None), None, None, None
+
+
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
+                         chunk: int = 4096) -> torch.Tensor:
+    """Sum over positions of ``cross_entropy(h @ weight.T, target)``, fp32.
+
+    Args:
+        h: (s, d) hidden states (may require grad).
+        weight: (V, d) frozen LM head weight (never gets a gradient).
+        target: (s,) long, every entry a valid class.
+        chunk: positions per chunk (bounds the (c, V) temporaries).
+    """
+    if weight.requires_grad:
+        raise ValueError("linear_cross_entropy is for a frozen head (weight.requires_grad is True)")
+    return _LinearCrossEntropy.apply(h, weight, target, chunk)

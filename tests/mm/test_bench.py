@@ -1,0 +1,271 @@
+"""The benchmark's pieces: FLOP counting, fused loss, cross-attention fast paths, fast decoding."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mm.flops import EncoderCount, LLMCount, train_step_flops
+from tests.helpers import image_media, open_gates, tiny_image_mm, tiny_llm
+
+
+def test_flops_by_hand():
+    llm = LLMCount(layer_params=[10, 20, 30], attn_width=4, hidden=8, vocab=16, adapters={1: (5, 3)})
+    f = train_step_flops(llm, batch=2, text_len=3, media_tokens=7)
+    # layer 0 below the adapter: 2N + 4Td; layers 1, 2: 4N + 12Td; per token, 6 tokens
+    assert f["llm_below_adapters"] == 6 * (2 * 10 + 4 * 3 * 4)
+    assert f["llm_above_adapters"] == 6 * ((4 * 20 + 12 * 3 * 4) + (4 * 30 + 12 * 3 * 4))
+    # cross-attention: 6 (q, o, MLP) + 12 N_media d per token, 6 (k, v) N_media per sample
+    assert f["cross_attention"] == 6 * (6 * 5 + 12 * 7 * 4) + 2 * (6 * 3 * 7)
+    assert f["lm_head"] == 6 * 4 * 8 * 16
+    assert f["total"] == 3336 + 2448 + 3072
+    enc = EncoderCount(layer_params=[100], global_layer_params=[50], width=2, tokens_per_tile=5, patch_params=6,
+                       projector_params=9)
+    t = train_step_flops(llm, batch=2, text_len=3, media_tokens=7, encoder=enc, encoder_trainable=True)
+    assert t["encoder"] == 2 * ((6 * 100 + 12 * 5 * 2) * 5 + (6 * 50 + 12 * 5 * 2) * 5 + 6 * 6 * 4)
+    assert t["projector"] == 2 * 6 * 9 * 5
+    fr = train_step_flops(llm, batch=2, text_len=3, media_tokens=7, encoder=enc, encoder_trainable=False)
+    assert fr["encoder"] == 2 * ((2 * 100 + 4 * 5 * 2) * 5 + (2 * 50 + 4 * 5 * 2) * 5 + 2 * 6 * 4)
+    cached = train_step_flops(llm, batch=2, text_len=3, media_tokens=7, encoder=enc, features_cached=True)
+    assert cached["encoder"] == 0
+
+
+def test_flops_reproduce_the_peer_mfu_of_performance_md():
+    """At 1B-xattn shapes (built on the meta device) the count gives the peer's ~33% / ~32%."""
+    from mm.bench import SHAPES, build_ours
+    from mm.flops import count_model, mfu
+
+    s = SHAPES["1b-xattn"]
+    model = build_ours(s, torch.device("meta"), torch.bfloat16)
+    llm, enc = count_model(model)
+    assert enc.tokens_per_tile == 1601 and sorted(llm.adapters) == [3, 7, 11, 15]
+    kw = dict(batch=s.train_batch, text_len=s.train_len, media_tokens=s.media_tokens, encoder=enc)
+    frozen = train_step_flops(llm, encoder_trainable=False, **kw)["total"]
+    trainable = train_step_flops(llm, encoder_trainable=True, **kw)["total"]
+    assert 0.31 < mfu(frozen, 0.237) < 0.35
+    assert 0.30 < mfu(trainable, 0.403) < 0.34
+
+
+def test_fused_cross_entropy_matches_plain():
+    from mm.fused_ce import linear_cross_entropy
+
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(37, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(50, 16, generator=g, dtype=torch.float64) * 3
+    t = torch.randint(0, 50, (37,), generator=g)
+    ref = F.cross_entropy(h @ w.t(), t, reduction="sum") / 37
+    (gref,) = torch.autograd.grad(ref, h)
+    out = linear_cross_entropy(h, w, t, chunk=8) / 37
+    (gout,) = torch.autograd.grad(out, h)
+    torch.testing.assert_close(out, ref.float(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(gout, gref, rtol=1e-5, atol=1e-6)
+    # a target whose probability underflows in fp32 still gets its exact loss
+    big = torch.zeros(1, 50, dtype=torch.float64)
+    big[0, 0] = 200.0
+    one = linear_cross_entropy(big, torch.eye(50, dtype=torch.float64), torch.tensor([3]))
+    torch.testing.assert_close(one, F.cross_entropy(big, torch.tensor([3]), reduction="sum").float())
+
+
+def test_model_loss_uses_fused_path_and_matches_plain(monkeypatch):
+    import mm.fused_ce
+
+    calls = []
+    real = mm.fused_ce.linear_cross_entropy
+    monkeypatch.setattr(mm.fused_ce, "linear_cross_entropy", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model = tiny_image_mm(tiny_llm())
+    open_gates(model, 0.5)
+    ids = torch.randint(1, 128, (2, 12))
+    media = {"image": image_media(2, positions=torch.tensor([[3], [5]]))}
+    params = [p for p in model.modalities.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    labels = ids.clone()
+    labels[:, :6] = -100
+    loss = model.loss(ids, labels, media=media)
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    h, _, p, _ = model.run(ids, torch.ones_like(ids), media=media, share_prefix=False)
+    logits = model.logits(h)[:, :-1]
+    ref = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
+    rgrads = torch.autograd.grad(ref, params, allow_unused=True)
+    assert calls
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads, rgrads):
+        if a is None or b is None:
+            assert a is None and b is None
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def _reference_xattn(blk, x, kv, mask):
+    """The block as it was: repeat_interleave for GQA, always a (b, 1, t, m) mask."""
+    k, v = kv
+    b, t, _ = x.shape
+    has = mask.any(-1)
+    am = (mask | ~has[..., None])[:, None]
+    row = has[..., None].to(x.dtype)
+    q = blk.q_norm(blk.q_proj(blk.attn_norm(x)).view(b, t, blk.n_heads, blk.head_dim).transpose(1, 2))
+    rep = blk.n_heads // blk.n_kv_heads
+    a = F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), attn_mask=am)
+    a = blk.o_proj(a.transpose(1, 2).reshape(b, t, -1))
+    x = x + blk.attn_gate.tanh() * a * row
+    return x + blk.mlp_gate.tanh() * blk.mlp(blk.mlp_norm(x)) * row
+
+
+def test_cross_attention_gqa_fold_and_row_mask_match_reference():
+    from adapters.cross_attention import GatedCrossAttention
+
+    torch.manual_seed(0)
+    blk = GatedCrossAttention(dim=64, media_dim=32, n_heads=8, n_kv_heads=2, ffn_dim=128)
+    with torch.no_grad():
+        blk.attn_gate.fill_(0.7)
+        blk.mlp_gate.fill_(0.3)
+    x = torch.randn(3, 10, 64)
+    kv = blk.project_kv(torch.randn(3, 6, 32))
+    mask = torch.rand(3, 10, 6) > 0.4
+    mask[0, :4] = False  # rows with no media
+    torch.testing.assert_close(blk(x, kv, mask), _reference_xattn(blk, x, kv, mask))
+    start = torch.tensor([0, 3, 7])
+    full = (torch.arange(10)[None, :, None] >= start[:, None, None]).expand(3, 10, 6)
+    row = full[..., :1]
+    torch.testing.assert_close(blk(x, kv, row), _reference_xattn(blk, x, kv, full))
+
+
+def test_row_only_media_mask_detection():
+    from mm.model import CrossMedia
+
+    one = CrossMedia(kv={}, start=torch.tensor([[2, 2, 2], [0, 0, 0]]), valid=torch.ones(2, 3, dtype=torch.bool))
+    pos = torch.arange(5)[None]
+    assert one.row_only and one.attn_mask(pos).shape == (2, 5, 1)
+    assert torch.equal(one.attn_mask(pos).expand(2, 5, 3), one.mask(pos))
+    two = CrossMedia(kv={}, start=torch.tensor([[1, 1, 4]]), valid=torch.ones(1, 3, dtype=torch.bool))
+    assert not two.row_only and two.attn_mask(pos).shape == (1, 5, 3)
+    pad = CrossMedia(kv={}, start=torch.zeros(1, 3, dtype=torch.long), valid=torch.tensor([[True, True, False]]))
+    assert not pad.row_only
+
+
+def _left_padded(b=3, t=9, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 128, (b, t), generator=g)
+    att = torch.ones_like(ids)
+    att[0, :3] = 0
+    ids[0, :3] = 0
+    return ids, att
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_fast_decode_equals_reference(family):
+    from mm.fast_decode import unsupported
+
+    model = tiny_image_mm(tiny_llm(family))
+    open_gates(model, 0.5)
+    assert unsupported(model) is None
+    ids, att = _left_padded()
+    for media in (image_media(3, positions=torch.tensor([[2], [4], [4]])),  # one image: row-only masks
+                  image_media(3, 2, positions=torch.tensor([[2, 5], [4, 6], [1, 8]]))):  # full masks
+        ref = model.generate(ids, att, media={"image": media}, max_new_tokens=10, fast=False)
+        fast = model.generate(ids, att, media={"image": media}, max_new_tokens=10, fast=True)
+        assert torch.equal(ref, fast)
+        # end-of-sequence: same stop and same fill
+        eos = [int(ref[1, 2]), int(ref[0, 4]), int(ref[2, 1])]
+        ref_e = model.generate(ids, att, media={"image": media}, max_new_tokens=10, eos_token_id=eos, fast=False)
+        fast_e = model.generate(ids, att, media={"image": media}, max_new_tokens=10, eos_token_id=eos, fast=True)
+        assert torch.equal(ref_e, fast_e)
+
+
+def test_fast_decode_falls_back_for_other_families():
+    from mm.fast_decode import fast_generate, unsupported
+
+    model = tiny_image_mm(tiny_llm("gemma"))
+    assert unsupported(model) is not None
+    ids, att = _left_padded()
+    assert fast_generate(model, ids, att, media={"image": image_media(3)}, max_new_tokens=4) is None
+    a = model.generate(ids, att, media={"image": image_media(3)}, max_new_tokens=4, fast=True)
+    assert a.shape == (3, 4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fast_decode_cuda_graph_equals_reference():
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    model = tiny_image_mm(tiny_llm()).cuda()
+    open_gates(model, 0.5)
+    for seed in (0, 1):  # the second call replays the kept graph with new inputs
+        ids, att = _left_padded(seed=seed)
+        media = image_media(3, positions=torch.tensor([[2], [4], [4]]), seed=seed).to("cuda")
+        ids, att = ids.cuda(), att.cuda()
+        ref = model.generate(ids, att, media={"image": media}, max_new_tokens=12, fast=False)
+        fast = model.generate(ids, att, media={"image": media}, max_new_tokens=12)  # default on CUDA: fast
+        assert torch.equal(ref, fast)
+    from mm.fast_decode import _decoders
+    assert any(d.graph is not None for d in _decoders[model].values())
+
+
+def test_bench_table_and_goals_from_results():
+    from mm.bench import format_table, goals, rows
+
+    def side(step, peak, mfu=0.4):
+        return {"step_s": step, "tokens_per_s": 100 / step, "min_step_s": step, "cpu_step_s": step,
+                "peak_bytes": peak, "mfu": mfu}
+
+    res = {"shapes": {"name": "1b-xattn", "dtype": "bfloat16", "threads": None, "train_batch": 8, "train_len": 1024,
+                      "media_tokens": 1601, "timed": 10, "warmup": 3, "gen_prompt": 32, "gen_new": 64, "gpu": True},
+           "device": "cuda", "versions": {"torch": "x", "transformers": "y"}, "notes": [],
+           "train": {"trainable": {"ours": side(0.2, 30), "peer": side(0.4, 55)},
+                     "frozen": {"ours": side(0.2, 40, 0.55), "peer": side(0.24, 32),
+                                "ours+compile": side(0.15, 35, 0.6)}},
+           "generate": {"1": {"ours": {"s": 0.2, "new_tokens_per_s": 320}, "peer": {"s": 1.0, "new_tokens_per_s": 64}},
+                        "16": {"ours": {"s": 0.5, "new_tokens_per_s": 2048}, "peer": {"s": 1.2, "new_tokens_per_s": 853}}}}
+    res["rows"], res["goals"] = rows(res), goals(res)
+    got = {g["goal"]: g["met"] for g in res["goals"]}
+    assert got["train, encoder trainable: >= 1.5x peer"] and got["train, encoder frozen: >= 1.5x peer"]  # compiled
+    assert not got["train peak memory, encoder frozen: <= peer"]  # 35 > 32
+    assert got["generate, batch 1: >= 300 new tokens/s"] and not got["generate, batch 16: >= 3.0x peer"]
+    ratio = {r["metric"]: r["ratio"] for r in res["rows"]}
+    assert ratio["train text tokens/s, encoder trainable"] == pytest.approx(2.0)
+    assert ratio["generate new tokens/s, batch 16"] == pytest.approx(2.4)
+    table = format_table(res)
+    assert "ours+compile" in table and "NOT met" in table
+
+
+@pytest.mark.slow
+def test_bench_micro_runs():
+    from mm.bench import SHAPES, format_table, run_bench
+
+    res = run_bench(SHAPES["micro"], torch.device("cpu"))
+    names = [r["metric"] for r in res["rows"]]
+    assert "train text tokens/s, encoder trainable" in names and "generate new tokens/s, batch 2" in names
+    for r in res["rows"]:
+        assert r["ours"] > 0 and r["peer"] > 0 and r["ratio"] > 0
+    assert res["train"]["frozen"]["flops"]["encoder"] < res["train"]["trainable"]["flops"]["encoder"]
+    assert "peer/ours" in format_table(res)
+
+
+@pytest.mark.slow
+def test_compiled_regions_match_eager_without_recompiling():
+    """The bench's regional torch.compile pass: same loss and gradients, no recompile per step."""
+    import torch._dynamo
+
+    from mm.bench import SHAPES, build_ours, compiled_regions, inputs, set_trainable_ours
+
+    s = SHAPES["micro"]
+    model = build_ours(s, torch.device("cpu"), torch.float32)
+    open_gates(model, 0.5)
+    x = inputs(s, s.train_batch, s.train_len, torch.device("cpu"), torch.float32)
+    params = set_trainable_ours(model, False)
+    model.train()
+
+    def loss_grads():
+        loss = model.loss(x["ids"], x["ids"], attention_mask=x["att"], media=x["media"])
+        return loss, [g for g in torch.autograd.grad(loss, params, allow_unused=True) if g is not None]
+
+    ref, gref = loss_grads()
+    torch._dynamo.reset()
+    with compiled_regions(model):
+        loss_grads()
+        frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        out, gout = loss_grads()
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == frames  # nothing recompiled
+    assert all("forward" not in m.__dict__ for m in model.layers)
+    torch.testing.assert_close(out, ref)
+    for a, b in zip(gout, gref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

@@ -1,0 +1,338 @@
+"""The speech modality on tiny random LLMs: token-embedding path, boundary embeddings,
+batched == one-by-one transcription, chunking of long audio, both speech stages end to end,
+bad input (one-line errors in inference, skip-and-count in training)."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from mm.config import load_config
+from mm.modalities import get_type
+from mm.modalities.base import LLMShape, llm_shape
+from mm.modalities.speech import SPEECH, SpeechInputError, build, record_prompt
+from mm.model import MultimodalLM
+from mm.speech import (espeak_records, qa_agreement, speech_chunks, transcribe_files, transcribe_waves,
+                       word_error_rate)
+from mm.trainable import set_trainable
+from tests.helpers import tiny_llm
+
+ROOT = Path(__file__).resolve().parents[2]
+ENC = dict(preset="custom", dim=32, num_layers=1, num_heads=2, ffn_dim=64, kernel_size=5)
+ADA = dict(preset="custom", dim=32, num_heads=2, ffn_dim=64)
+SR = 16_000
+
+
+def char_tokenizer():
+    """A character-level tokenizer with a chat template (ids < 128, fits tiny_llm)."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(["<pad>", "<|im_end|>", "<|im_start|>", "<unk>"])}
+    for c in [chr(i) for i in range(32, 127)] + ["\n"]:
+        vocab[c] = len(vocab)
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tk.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<|im_end|>",
+                                  unk_token="<unk>", additional_special_tokens=["<|im_start|>"])
+    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                         "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    return tok
+
+
+def speech_model(layers: int = 2, seed: int = 3):
+    llm = tiny_llm(layers=layers)
+    torch.manual_seed(seed)
+    model = MultimodalLM(llm, {"audio": build(llm_shape(llm.config), encoder=ENC, adapter=ADA)})
+    return model.eval(), {"audio": SPEECH}
+
+
+def voice_like(seconds: float, *, seed: int = 0, pause_every: float = 0.0) -> np.ndarray:
+    """Noise bursts shaped like syllables, with pauses (to give chunking quiet points)."""
+    r = np.random.default_rng(seed)
+    n = int(seconds * SR)
+    t = np.arange(n) / SR
+    wave = 0.3 * r.standard_normal(n) * (0.5 + 0.5 * np.sin(2 * np.pi * 4 * t))
+    if pause_every:
+        wave[(t % pause_every) > pause_every - 0.3] = 0.0
+    return wave.astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def llm_dir(tmp_path_factory):
+    """A tiny random Llama + character tokenizer saved as a model directory."""
+    d = tmp_path_factory.mktemp("tiny_llm")
+    tiny_llm(layers=2).save_pretrained(d)
+    char_tokenizer().save_pretrained(d)
+    return d
+
+
+# -- the token-embedding path --------------------------------------------------------------
+def test_registered_and_prompts():
+    assert get_type("speech") is SPEECH and SPEECH.kind == "tokens"
+    assert record_prompt({"task": "asr"}) == "Repeat after me in English:"
+    assert record_prompt({"task": "asr", "language": "French"}) == "Repeat after me in French:"
+    assert record_prompt({"task": "qa"}) == ""  # spoken dialogue: no task prompt
+    assert record_prompt({}) is None  # -> the type's default prompt, "" (dialogue)
+
+
+def test_token_path_changes_nothing_of_the_llm_and_boundaries_train():
+    model, _ = speech_model()
+    llm = model.llm
+    before = {k: v.clone() for k, v in llm.state_dict().items()}
+    ids = torch.randint(4, 100, (2, 30))
+    ref = llm(ids).logits
+    assert torch.equal(model(ids), ref)  # no media: the LLM itself
+
+    # speech: 2 waveforms -> token embeddings written at the placeholder columns
+    from mm.model import MediaInput
+    mod = model.modalities["audio"]
+    items = [SPEECH.preprocess(torch.from_numpy(voice_like(s, seed=i)), mod) for i, s in enumerate((0.5, 0.8))]
+    k = [SPEECH.num_tokens(it, mod) + 2 for it in items]
+    assert k == [8, 12]  # 0.5 s: 48 fbank frames -> 12 encoder -> 6 adapter (+2 boundaries)
+    media = MediaInput(inputs=SPEECH.collate(items), valid=torch.ones(2, 1, dtype=torch.bool),
+                       positions=torch.tensor([[5], [5]]))
+    out = model(ids, media={"audio": media})
+    assert torch.equal(out[:, :5], ref[:, :5])  # text before the speech is untouched
+    assert not torch.allclose(out[:, 5:], ref[:, 5:])
+
+    set_trainable(model, ["audio.encoder", "audio.adapter", "audio.boundary"])
+    assert not any(p.requires_grad for p in llm.parameters())
+    boundary = mod.boundary.detach().clone()
+    opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-2)
+    labels = ids.clone()
+    labels[:, :20] = -100
+    model.train()
+    model.loss(ids, labels, attention_mask=torch.ones_like(ids), media={"audio": media}).backward()
+    assert mod.boundary.grad is not None and mod.boundary.grad.abs().sum() > 0
+    assert all(p.grad is None for p in llm.parameters())
+    opt.step()
+    assert not torch.equal(mod.boundary, boundary)
+    after = llm.state_dict()
+    assert list(after) == list(before)
+    assert all(torch.equal(after[k], before[k]) for k in before)  # no vocabulary row changed
+
+
+# -- inference -----------------------------------------------------------------------------
+def test_batched_transcripts_equal_one_by_one():
+    model, types = speech_model()
+    tok = char_tokenizer()
+    waves = [torch.from_numpy(voice_like(s, seed=i)) for i, s in enumerate((0.4, 2.3, 1.1, 0.05, 1.7))]
+    waves.append(torch.zeros(SR))  # silence -> ""
+    one = [transcribe_waves(model, types, tok, [w], tokens_per_second=4)[0] for w in waves]
+    batched = transcribe_waves(model, types, tok, waves, batch_size=6, tokens_per_second=4)
+    assert batched == one
+    assert one[-1] == "" and sum(bool(t) for t in one) >= 4
+    # the speech encoder + adapter outputs themselves do not depend on the batch
+    mod = model.modalities["audio"]
+    items = [SPEECH.preprocess(w, mod) for w in waves[:3]]
+    emb, mask = mod.embed(*mod.encode(SPEECH.collate(items)))
+    for i, it in enumerate(items):
+        e1, m1 = mod.embed(*mod.encode(SPEECH.collate([it])))
+        n = int(m1.sum())
+        assert int(mask[i].sum()) == n and torch.allclose(emb[i, :n], e1[0, :n], atol=1e-5)
+
+
+def test_long_file_is_chunked_and_joined(tmp_path, monkeypatch):
+    path = tmp_path / "three_minutes.wav"
+    wave = voice_like(180.0, seed=1, pause_every=7.0)
+    sf.write(path, wave, SR, subtype="PCM_16")
+    pieces = list(speech_chunks(path, window=60.0))
+    assert len(pieces) == 4 and all(p.shape[0] <= 60 * SR for p in pieces)
+    assert all(p.shape[0] > 48 * SR for p in pieces[:-1])  # cut near the window's end...
+    assert torch.allclose(torch.cat(pieces), torch.from_numpy(sf.read(path, dtype="float32")[0]))
+    cuts = np.cumsum([p.shape[0] for p in pieces[:-1]]) / SR
+    assert all((c % 7.0) > 6.7 for c in cuts)  # ...in a pause
+
+    import mm.speech as speech
+    calls = []
+    monkeypatch.setattr(speech, "transcribe_waves",
+                        lambda m, t, k, waves, **kw: calls.append(len(waves)) or [f"w{len(calls)}{i}" for i in range(len(waves))])
+    out = transcribe_files(None, {"audio": SPEECH}, None, [path], batch_size=2)
+    assert calls == [2, 2]  # never more than batch_size chunks in memory
+    assert out == [{"file": str(path), "duration": 180.0, "text": "w10 w11 w20 w21"}]
+
+
+def test_transcribe_files_end_to_end_and_sample_rates(tmp_path):
+    model, types = speech_model()
+    tok = char_tokenizer()
+    paths = []
+    for sr in (8_000, 16_000, 48_000):
+        p = tmp_path / f"speech_{sr}.wav"
+        t = np.arange(int(1.2 * sr)) / sr
+        sf.write(p, (0.3 * np.sin(2 * np.pi * 300 * t) * (t % 0.3 < 0.2)).astype(np.float32), sr)
+        paths.append(p)
+    silent = tmp_path / "silent.flac"
+    sf.write(silent, np.zeros(SR, dtype=np.float32), SR)
+    out = transcribe_files(model, types, tok, paths + [silent], batch_size=3)
+    assert [o["duration"] for o in out] == [1.2, 1.2, 1.2, 1.0]
+    assert all(o["text"] for o in out[:3]) and out[3]["text"] == ""
+
+
+def bad_files(tmp_path) -> dict[str, Path]:
+    files = {}
+    files["missing"] = tmp_path / "missing.wav"
+    files["empty"] = tmp_path / "empty.wav"
+    files["empty"].write_bytes(b"")
+    files["zero_frames"] = tmp_path / "zero.wav"
+    sf.write(files["zero_frames"], np.zeros(0, dtype=np.float32), SR)
+    files["corrupt"] = tmp_path / "corrupt.wav"
+    files["corrupt"].write_bytes(b"RIFF\x00\x00\x00\x00WAVEjunk" + bytes(range(256)))
+    good = tmp_path / "good.wav"
+    sf.write(good, voice_like(1.0), SR, subtype="PCM_16")
+    files["truncated"] = tmp_path / "truncated.wav"
+    files["truncated"].write_bytes(good.read_bytes()[: 44 + 8000])
+    files["unsupported"] = tmp_path / "notes.mp4"
+    files["unsupported"].write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(200))
+    return files
+
+
+def test_bad_input_one_line_error_naming_the_file(tmp_path):
+    model, types = speech_model()
+    tok = char_tokenizer()
+    for kind, path in bad_files(tmp_path).items():
+        with pytest.raises(SpeechInputError) as e:
+            transcribe_files(model, types, tok, [path])
+        msg = str(e.value)
+        assert "\n" not in msg and str(path) in msg, (kind, msg)
+
+
+# -- metrics -------------------------------------------------------------------------------
+def test_wer_normalisation_and_agreement():
+    assert word_error_rate(["Hello, World!"], ["hello   world"]) == 0.0
+    assert word_error_rate(["the red cat", "a dog"], ["the bed cat", ""]) == pytest.approx(3 / 5)
+    assert qa_agreement(["The capital is Paris.", None], ["the capital is paris", "4"]) == 0.5
+
+
+# -- stages end to end ---------------------------------------------------------------------
+def stage_config(name: str, llm_dir: Path, out: Path, sources: list[dict], **over):
+    cfg = load_config(ROOT / "configs" / "demo" / f"{name}.yaml", [
+        f"out={out}", f"model.llm={llm_dir}", "optim.steps=2", "optim.batch_size=4", "optim.warmup_steps=1",
+        "log_every=1", "checkpoint_every=100", "data.max_bad_fraction=0.6"] + [f"{k}={v}" for k, v in over.items()])
+    cfg.model.modalities["audio"].update(encoder=ENC, adapter=ADA)
+    cfg.data.sources = sources
+    cfg.eval.sources = []
+    return cfg
+
+
+def test_speech_stages_end_to_end_with_bad_samples(tmp_path, llm_dir):
+    from mm.runs import load_run
+    from mm.train import train
+
+    # slow speech: the character tokenizer's targets must fit the 80 ms frames for CTC
+    opts = dict(n=6, texts="sentences", voices="train", seed=3, rate=(80, 90), dir=str(tmp_path / "asr"))
+    recs = espeak_records(**opts)
+    assert len(recs) == 6 and all(r["task"] == "asr" and (tmp_path / "asr" / r["audio"]).exists() for r in recs)
+    assert espeak_records(**opts) == recs  # reused
+    bad = bad_files(tmp_path)
+    manifest = tmp_path / "train.jsonl"
+    lines = [{"audio": str(tmp_path / "asr" / r["audio"]), "text": r["text"], "task": "asr"} for r in recs]
+    lines += [{"audio": str(bad[k]), "text": "x", "task": "asr"} for k in ("missing", "corrupt", "truncated")]
+    lines += [{"audio": str(tmp_path / "asr" / recs[0]["audio"]), "text": "what is two plus two", "task": "qa"}]
+    manifest.write_text("\n".join(json.dumps(x) for x in lines) + "\nnot json\n")
+    sources = [{"type": "manifest", "path": str(manifest)}]
+
+    pre = train(stage_config("speech_encoder_pretrain", llm_dir, tmp_path / "pre", sources), progress=False)
+    summary = json.loads((pre / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["bad_samples"] > 0
+    assert all("\n" not in b for b in summary["bad_examples"])
+    metrics = [json.loads(x) for x in (pre / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["masked_frames"] > 0 and np.isfinite(metrics[-1]["loss"])
+
+    ad = train(stage_config("speech_adapter", llm_dir, tmp_path / "ad", sources, init_from=str(pre),
+                            **{"extra.ctc_only_steps": 1}), progress=False)  # step 0: CTC only; 1: LM + CTC
+    summary = json.loads((ad / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["bad_samples"] > 0
+    metrics = [json.loads(x) for x in (ad / "metrics.jsonl").read_text().splitlines()]
+    assert "lm_loss" not in metrics[0] and metrics[0]["ctc_loss"] > 0 and metrics[1]["lm_loss"] > 0
+    model, frozen, types, _ = load_run(ad)
+    out = transcribe_files(model, types, frozen.tokenizer, [tmp_path / "asr" / recs[0]["audio"]])
+    assert out[0]["file"].endswith("000000.wav") and isinstance(out[0]["text"], str)
+    # the encoder of stage 0 was the starting point of stage 1; stage 1 changed it
+    from mm.checkpoint import load_tensors
+    t0, _ = load_tensors(pre / "model" / "modalities.safetensors")
+    t1, _ = load_tensors(ad / "model" / "modalities.safetensors")
+    key = "audio.encoder.stacker.proj.weight"
+    assert not torch.equal(t0[key], t1[key])
+
+
+def test_speech_lm_without_ctc_is_the_lm_objective(tmp_path, llm_dir):
+    from mm.objectives import LMObjective, get_objective
+    from mm.runs import build_model
+
+    recs = espeak_records(n=4, texts="sentences", voices="train", seed=5, dir=str(tmp_path / "asr"))
+    cfg = stage_config("speech_adapter", llm_dir, tmp_path / "x", [{"type": "manifest", "path": str(tmp_path / "asr" / "records.jsonl")}],
+                       **{"extra.ctc_weight": 0, "extra.ctc_only_steps": 0})
+    model, llm, types = build_model(cfg.model)
+    lm = LMObjective(cfg, model, types, llm.tokenizer)
+    speech_lm = get_objective("speech_lm")(cfg, model, types, llm.tokenizer)
+    a, _ = lm.loss(lm.batch(0))
+    b, info = speech_lm.loss(speech_lm.batch(0))
+    assert len(recs) == 4 and torch.allclose(a, b, atol=1e-5) and "ctc_loss" not in info
+
+
+# -- configs -------------------------------------------------------------------------------
+@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "speech").glob("*.yaml"))
+                         + [ROOT / "configs" / "demo" / f"speech_{s}.yaml" for s in ("encoder_pretrain", "adapter")])
+def test_speech_configs_instantiate(path):
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# mm train ") and str(path.relative_to(ROOT)) in first
+    cfg = load_config(path)
+    spec = dict(cfg.model.modalities["audio"])
+    assert spec.pop("type") == "speech"
+    llama3 = "llama3" in path.name
+    shape = LLMShape(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8) if llama3 else LLMShape(576, 30, 9, 3)
+    with torch.device("meta"):
+        mod = build(shape, **spec)
+    n = sum(p.numel() for p in mod.parameters())
+    assert (0.9e9 < n < 1.3e9) if llama3 else (n < 5e6)
+
+
+def test_spoken_question_with_and_without_text(tmp_path):
+    """``mm ask --audio``: no text -> the speech is the whole user turn; with text -> the
+    question comes first and the speech after it."""
+    from mm.data import make_sample
+
+    model, types = speech_model()
+    tok = char_tokenizer()
+    path = tmp_path / "q.wav"
+    sf.write(path, voice_like(0.6), SR)
+    alone = make_sample({"audio": str(path)}, model=model, types=types, tokenizer=tok, preprocess={}, train=False)
+    asked = make_sample({"audio": str(path), "question": "Who speaks?"}, model=model, types=types, tokenizer=tok,
+                        preprocess={}, train=False)
+    (_, pos0), = alone.media["audio"]
+    (_, pos1), = asked.media["audio"]
+    assert tok.decode(alone.ids[:pos0]).endswith("user\n")
+    assert tok.decode(asked.ids[:pos1]).endswith("user\nWho speaks?")
+    assert len(asked.ids) - len(alone.ids) == len("Who speaks?")
+
+
+@pytest.mark.slow
+def test_hour_long_file_in_bounded_memory(tmp_path):
+    """A 1-hour file is transcribed chunk by chunk: peak memory grows by far less than the
+    decoded file (230 MB as float32)."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "hour.wav"
+    with sf.SoundFile(path, "w", SR, 1, subtype="PCM_16") as f:
+        for k in range(60):
+            f.write(voice_like(60.0, seed=k, pause_every=5.0))
+    code = f"""
+import resource, sys
+sys.path.insert(0, {str(ROOT)!r})
+import mm.speech as speech
+from mm.modalities.speech import SPEECH
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+speech.transcribe_waves = lambda m, t, k, waves, **kw: ["x"] * len(waves)
+out = speech.transcribe_files(None, {{"audio": SPEECH}}, None, [{str(path)!r}], batch_size=4)
+grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+print(len(out[0]["text"].split()), out[0]["duration"], grown // 1024)
+"""
+    words, duration, grown_mb = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                               check=True).stdout.split()
+    assert float(duration) == 3600.0 and int(words) >= 60
+    assert int(grown_mb) < 80
