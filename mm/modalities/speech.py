@@ -245,7 +245,8 @@ class SpeechLMObjective:
     speeds up learning (a CPU demo has a few hundred steps); ``ctc_weight: 0`` and
     ``ctc_only_steps: 0`` make it exactly the ``lm`` objective.
 
-    ``extra``: ``ctc_weight`` (default 0.5), ``ctc_only_steps`` (default 0), ``ctc_blank``,
+    ``extra``: ``ctc_weight`` (default 0.5), ``align_weight`` (default 1.0; see :meth:`_ctc`),
+    ``ctc_only_steps`` (default 0), ``ctc_blank``,
     ``ctc_batch_size`` (samples drawn for a CTC-only step, of which the ASR ones are used;
     default ``optim.batch_size``),
     ``modality`` (default: the speech modality).
@@ -262,6 +263,7 @@ class SpeechLMObjective:
         self.ctc_weight = float(ex.get("ctc_weight", 0.5))
         self.ctc_only_steps = int(ex.get("ctc_only_steps", 0))
         self.ctc_batch_size = int(ex.get("ctc_batch_size", cfg.optim.batch_size))
+        self.align_weight = float(ex.get("align_weight", 1.0))
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         dim = model.llm.get_input_embeddings().weight.shape[1]
         blank = ex.get("ctc_blank", " ")
@@ -308,8 +310,9 @@ class SpeechLMObjective:
             device = next(mod.parameters()).device
             feats, fmask = mod.encode({k: v.to(device) for k, v in b.items()})
             frames, fmask2 = mod.adapter(feats, fmask)  # (b, m2, d), (b, m2)
-            ctc = self._ctc(frames, fmask2.sum(-1), ctc_targets)
-            return ctc, {"samples": len(ctc_targets), "ctc_loss": round(ctc.item(), 4)}
+            ctc, align = self._ctc(frames, fmask2.sum(-1), ctc_targets)
+            return ctc + self.align_weight * align, {"samples": len(ctc_targets), "ctc_loss": round(ctc.item(), 4),
+                                                     "align_loss": round(align.item(), 4)}
         h, _, p, (_, tokens) = model.run(b.input_ids, b.attention_mask, media=b.media)
         target = b.labels[:, p + 1:]
         sel = target != -100
@@ -320,13 +323,18 @@ class SpeechLMObjective:
         if not self.ctc_weight or not rows or self.name not in tokens:
             return lm, info
         emb, emask, _ = tokens[self.name]  # (b, n, m2 + 2, d): [begin, frames..., end]
-        ctc = self._ctc(emb[rows, 0, 1:-1], emask[rows, 0].sum(-1) - 2, [ctc_targets[i] for i in rows])
-        info["ctc_loss"] = round(ctc.item(), 4)
-        return lm + self.ctc_weight * ctc, info
+        ctc, align = self._ctc(emb[rows, 0, 1:-1], emask[rows, 0].sum(-1) - 2, [ctc_targets[i] for i in rows])
+        info.update(ctc_loss=round(ctc.item(), 4), align_loss=round(align.item(), 4))
+        return lm + self.ctc_weight * (ctc + self.align_weight * align), info
 
-    def _ctc(self, frames: torch.Tensor, lengths: torch.Tensor, targets: list[list[int]]) -> torch.Tensor:
-        """CTC of frames (r, m2, d) with valid ``lengths`` (r,) against token id lists."""
+    def _ctc(self, frames: torch.Tensor, lengths: torch.Tensor,
+             targets: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """CTC + alignment loss of frames (r, m2, d) with valid ``lengths`` (r,) against token
+        id lists. The alignment loss pulls each frame onto the embedding the best CTC path
+        gives it: the token's embedding on the first frame of its run, blank elsewhere. So the
+        frames become the text's embeddings spaced out by blanks, which the LLM reads as text."""
         import torch.nn.functional as F
+        from torchaudio.functional import forced_align
 
         vocab = sorted({t for ts in targets for t in ts})
         index = {t: k + 1 for k, t in enumerate(vocab)}  # 0 = blank
@@ -334,11 +342,31 @@ class SpeechLMObjective:
         table = weight[vocab].detach()  # (k, d), frozen
         blank = self.modules["ctc_blank"].value if self.blank_id is None else weight[self.blank_id].detach()
         classes = torch.cat([blank[None].to(table), table]).float()  # (k + 1, d)
-        logits = -torch.cdist(frames.float(), classes[None].expand(frames.shape[0], -1, -1)).pow(2)  # (r, m2, k + 1)
-        tgt = torch.tensor([index[t] for ts in targets for t in ts], dtype=torch.long)
-        tlen = torch.tensor([len(ts) for ts in targets], dtype=torch.long)
-        return F.ctc_loss(logits.log_softmax(-1).transpose(0, 1), tgt, lengths.cpu(), tlen, blank=0,
-                          zero_infinity=True)
+        frames = frames.float()
+        logp = (-torch.cdist(frames, classes[None].expand(frames.shape[0], -1, -1)).pow(2)).log_softmax(-1)
+        tgt = [torch.tensor([index[t] for t in ts], dtype=torch.long) for ts in targets]
+        lengths = lengths.cpu()
+        ctc = F.ctc_loss(logp.transpose(0, 1), torch.cat(tgt), lengths, torch.tensor([len(t) for t in tgt]),
+                         blank=0, zero_infinity=True)
+        zero = frames.sum() * 0.0
+        if not self.align_weight:
+            return ctc, zero
+        scale = weight.detach().float().pow(2).sum(-1).mean()  # typical squared embedding norm
+        align = []
+        with torch.no_grad():
+            for i, t in enumerate(tgt):
+                n = int(lengths[i])
+                repeats = int((t[1:] == t[:-1]).sum())
+                if n < len(t) + repeats:
+                    continue  # no CTC path: too many tokens for the frames
+                path = forced_align(logp[i:i + 1, :n].detach().cpu(), t[None], blank=0)[0][0]  # (n,)
+                first = torch.ones_like(path, dtype=torch.bool)
+                first[1:] = path[1:] != path[:-1]
+                align.append((i, n, torch.where(first, path, torch.zeros_like(path))))
+        if not align:
+            return ctc, zero
+        dist = torch.cat([(frames[i, :n] - classes[lab.to(frames.device)]).pow(2).sum(-1) for i, n, lab in align])
+        return ctc, dist.mean() / scale
 
 
 class _Vector(nn.Module):
