@@ -83,6 +83,7 @@ class RunConfig:
     checkpoint_every: int = 50
     log_every: int = 5
     threads: int = 0                      # torch threads; 0 = torch's default
+    trunk_cache: int = 0                  # rows of frozen lower-layer states reused (mm.model.TrunkCache); 0 = off
     device: str | None = None             # cpu, cuda, cuda:1 ...; default: cuda if available
     distributed: DistConfig = field(default_factory=DistConfig)
     extra: dict[str, Any] = field(default_factory=dict)  # objective-specific options

@@ -94,6 +94,52 @@ def default_positions(input_ids: torch.Tensor, attention_mask, cache) -> torch.T
     return torch.arange(past, past + input_ids.shape[1], device=input_ids.device)[None]  # (1, t)
 
 
+class TrunkCache:
+    """Hidden states of the frozen LLM's layers below the lowest cross-attention layer, kept
+    per text row and reused in later steps.
+
+    Below that layer no adapter acts, so a row's hidden states there are a function of its
+    tokens alone (the LLM is frozen): a row seen before need not run those layers again. On
+    small-vocabulary data (templated captions and questions, many epochs) most rows repeat and
+    a step runs only the upper layers for them. A row is looked up by its tokens; its value is
+    the hidden states of all of them (a batch uses those right of its first media column). New
+    rows run the lower layers once, whole and without gradients. Up to ``max_rows`` rows are
+    kept (a full cache stops adding; rows it cannot keep are still computed, every time).
+
+    Values come from earlier batches of other shapes, so they match a fresh computation up to
+    float rounding, not bit for bit; it is off unless a run asks for it (``trunk_cache:``).
+    """
+
+    def __init__(self, max_rows: int):
+        self.max_rows = int(max_rows)
+        self.rows: dict[tuple, torch.Tensor] = {}
+        self.hits = 0
+        self.misses = 0
+
+    @staticmethod
+    def keys(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[tuple]:
+        return [tuple(i for i, k in zip(ids, keep) if k)
+                for ids, keep in zip(input_ids.tolist(), attention_mask.tolist())]
+
+
+class _TrunkOutput(nn.Module):
+    """Stands in for the first decoder layer: returns the cached trunk output."""
+
+    def __init__(self, hidden: torch.Tensor):
+        super().__init__()
+        self.hidden = hidden
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return self.hidden.to(hidden_states.dtype)
+
+
+class _Skip(nn.Module):
+    """Stands in for the other trunk layers: passes the hidden states through."""
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states
+
+
 class MultimodalLM(nn.Module):
     """A frozen causal LM with modalities attached.
 
@@ -117,6 +163,7 @@ class MultimodalLM(nn.Module):
         self._media_kw = f"{MEDIA_KWARG}_{id(self)}"
         self.share_prefix = True      # compute text-only prefixes once, without gradients
         self.checkpoint_xattn = False  # non-reentrant activation checkpointing of adapters
+        self.trunk_cache: TrunkCache | None = None  # reuse of frozen lower-layer states (training)
         self.kv_projections = 0  # counts project_kv calls (tests prove K/V are made once)
         for name, mod in self.modalities.items():
             self._check_modality(name, mod)
@@ -299,10 +346,65 @@ class MultimodalLM(nn.Module):
                         cache.reorder_cache(inverse)
                 elif b > 1:
                     cache.batch_repeat_interleave(b)
-        h, cache = self.hidden_states(input_ids[:, p:], attention_mask=attention_mask,
+        def rest():
+            return self.hidden_states(input_ids[:, p:], attention_mask=attention_mask,
                                       position_ids=positions[:, p:], cache=cache,
                                       use_cache=use_cache, encoded=encoded, column_offset=p)
+
+        lowest = min((i for name in encoded[0] for i in self.modalities[name].layer_indices), default=0)
+        if self.trunk_cache is not None and not use_cache and not encoded[1] and lowest > 0:
+            h, cache = self._run_with_trunk_cache(rest, input_ids, attention_mask, p, lowest)
+        else:
+            h, cache = rest()
         return h, cache, p, encoded
+
+    def _run_with_trunk_cache(self, rest, input_ids, attention_mask, p: int, lowest: int):
+        """``rest()`` with layers ``0..lowest-1`` replaced by cached hidden states; rows not
+        yet cached run those layers first (whole rows, without gradients) and are cached."""
+        tc = self.trunk_cache
+        keys = tc.keys(input_ids, attention_mask)
+        counts = attention_mask[:, p:].sum(-1).tolist()  # each row's tokens from column p on
+        miss = [i for i, k in enumerate(keys) if k not in tc.rows or len(tc.rows[k]) < counts[i]]
+        tc.misses += len(miss)
+        tc.hits += len(keys) - len(miss)
+        fresh = {}
+        if miss:
+            for i, h in zip(miss, self._trunk(input_ids[miss], attention_mask[miss], lowest)):
+                fresh[keys[i]] = h
+                if keys[i] in tc.rows or len(tc.rows) < tc.max_rows:
+                    tc.rows[keys[i]] = h
+        valid = attention_mask[:, p:].bool()  # (b, t - p)
+        rows = [fresh.get(k, tc.rows.get(k)) for k in keys]
+        h0 = rows[0].new_zeros(*valid.shape, rows[0].shape[-1])
+        for i, (h, n) in enumerate(zip(rows, counts)):
+            if n:
+                h0[i, valid[i]] = h[len(h) - n:]
+        layers = self.decoder.layers
+        self.decoder.layers = nn.ModuleList([_TrunkOutput(h0)] + [_Skip()] * (lowest - 1) + list(layers[lowest:]))
+        try:
+            return rest()
+        finally:
+            self.decoder.layers = layers
+
+    @torch.no_grad()
+    def _trunk(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, lowest: int) -> list[torch.Tensor]:
+        """Input hidden states of layer ``lowest`` for whole rows: one (valid tokens, d) per row."""
+        seen = {}
+
+        def grab(module, args, output):
+            seen["h"] = output[0] if isinstance(output, tuple) else output
+
+        layers = self.decoder.layers
+        handle = layers[lowest - 1].register_forward_hook(grab)
+        self.decoder.layers = nn.ModuleList(list(layers[:lowest]))
+        try:
+            self.decoder(input_ids=input_ids, attention_mask=attention_mask,
+                         position_ids=(attention_mask.long().cumsum(-1) - 1).clamp(min=0), use_cache=False)
+        finally:
+            self.decoder.layers = layers
+            handle.remove()
+        keep = attention_mask.bool()
+        return [seen["h"][i, keep[i]].clone() for i in range(len(input_ids))]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """LM head (with the model's logit soft-capping, if it has one)."""

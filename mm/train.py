@@ -155,6 +155,9 @@ def train(cfg: RunConfig, *, progress: bool = True, stop_after: int | None = Non
     objective.modules.to(d.device)
     if cfg.distributed.checkpointing:
         enable_checkpointing(model, cfg.distributed.checkpointing)
+    elif cfg.trunk_cache and not d.enabled and not cfg.distributed.fsdp_single_process:
+        from mm.model import TrunkCache
+        model.trunk_cache = TrunkCache(cfg.trunk_cache)
     if d.enabled or cfg.distributed.fsdp_single_process:
         if d.world == 1 and not torch.distributed.is_initialized():
             raise ValueError("distributed.fsdp_single_process needs torchrun (a process group)")
@@ -238,6 +241,10 @@ def train(cfg: RunConfig, *, progress: bool = True, stop_after: int | None = Non
                "bad_samples": stream.bad if stream else 0, "samples_seen": stream.seen if stream else 0,
                "bad_examples": stream.bad_examples[:5] if stream else [],
                "text_weights_unchanged": True}
+    if model.trunk_cache is not None:
+        tc = model.trunk_cache
+        summary["trunk_cache"] = {"rows": len(tc.rows), "row_hits": tc.hits, "row_misses": tc.misses}
+        model.trunk_cache = None  # the model may be reused (the demo's cached LLM); free the states
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     barrier(d)
     return out

@@ -26,7 +26,12 @@ MAX_SECONDS = 20.0
 
 
 class AccelEncoder(nn.Module):
-    """(b, s, 3) accelerations + lengths -> (b, m, d) features + (b, m) mask."""
+    """(b, s, 3) accelerations + lengths -> (b, m, d) features + (b, m) mask.
+
+    The device may be held any way round, so the convolutions see orientation-invariant
+    channels, not raw axes: the magnitude of the acceleration minus 1 g, and the motion along
+    and across gravity (gravity estimated as the recording's mean acceleration).
+    """
 
     def __init__(self, *, dim: int = 64, hidden: int = 32):
         super().__init__()
@@ -36,10 +41,21 @@ class AccelEncoder(nn.Module):
             nn.Conv1d(hidden, dim, 5, stride=2, padding=2), nn.GELU(),
             nn.Conv1d(dim, dim, 3, padding=1))
 
+    @staticmethod
+    def invariant(signal: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """(b, s, 3) accelerations, (b, s) valid -> (b, s, 3) rotation-invariant channels."""
+        n = keep.sum(1, keepdim=True).clamp(min=1)[..., None]  # (b, 1, 1)
+        g = (signal * keep[..., None]).sum(1, keepdim=True) / n  # (b, 1, 3) mean: gravity
+        up = g / g.norm(dim=-1, keepdim=True).clamp(min=1e-6)
+        motion = signal - g
+        vertical = (motion * up).sum(-1, keepdim=True)  # (b, s, 1)
+        across = (motion - vertical * up).norm(dim=-1, keepdim=True)
+        return torch.cat([signal.norm(dim=-1, keepdim=True) - 1.0, vertical, across], dim=-1) * keep[..., None]
+
     def forward(self, signal: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         s = signal.shape[1]
         keep = (torch.arange(s, device=signal.device)[None] < lengths[:, None]).to(signal.dtype)
-        x = (signal * keep[..., None]).transpose(1, 2)  # (b, 3, s)
+        x = self.invariant(signal, keep).transpose(1, 2)  # (b, 3, s)
         x = self.net(x).transpose(1, 2)  # (b, m, d)
         m = (lengths + STRIDE - 1) // STRIDE
         mask = torch.arange(x.shape[1], device=x.device)[None] < m[:, None]

@@ -8,7 +8,9 @@ manifest line is ``{"audio": "a.wav", "text": "...", "task": "asr" | "qa"}``.
 Prompts (Llama 3): ASR ``"Repeat after me in {language}:"``, translation ``"Translate the
 following sentence into {language}:"``, spoken dialogue (``task: qa``): no task prompt.
 
-Also registers the ``best_rq`` training objective (self-supervised encoder pre-training).
+Also registers two training objectives: ``best_rq`` (self-supervised encoder pre-training)
+and ``speech_lm`` (the ``lm`` objective plus an optional CTC alignment loss that speeds up
+CPU-sized runs; with its weights at 0 it is exactly ``lm``).
 
 Notation: b=batch, n=fbank frames (10 ms), m=encoder frames (40 ms), m2=adapter frames
 (80 ms), f=mel bins (80).
@@ -245,7 +247,8 @@ class SpeechLMObjective:
     speeds up learning (a CPU demo has a few hundred steps); ``ctc_weight: 0`` and
     ``ctc_only_steps: 0`` make it exactly the ``lm`` objective.
 
-    ``extra``: ``ctc_weight`` (default 0.5), ``align_weight`` (default 1.0; see :meth:`_ctc`),
+    ``extra``: ``ctc_weight`` (default 0.5), ``align_weight`` (default 1.0, ramped up linearly
+    over the CTC-only steps; see :meth:`_ctc`),
     ``ctc_only_steps`` (default 0), ``ctc_blank``,
     ``ctc_batch_size`` (samples drawn for a CTC-only step, of which the ASR ones are used;
     default ``optim.batch_size``),
@@ -292,18 +295,21 @@ class SpeechLMObjective:
     def batch(self, step: int):
         from mm.data import collate
 
+        # the alignment loss ramps up over the CTC-only steps (early CTC paths are noise)
+        ramp = min(1.0, (step + 1) / self.ctc_only_steps) if self.ctc_only_steps else 1.0
         if step < self.ctc_only_steps:  # the ASR samples of a draw of ctc_batch_size
             pairs = [(s, c) for s, c in self.stream.batch(step, self.ctc_batch_size) if c]
             if pairs:
                 items = [s.media[self.name][0][0] for s, _ in pairs]
-                return "ctc", self.types[self.name].collate(items), [c for _, c in pairs]
+                return "ctc", self.types[self.name].collate(items), [c for _, c in pairs], ramp
         pairs = self.stream.batch(step, self.cfg.optim.batch_size)
-        return "lm", collate([s for s, _ in pairs], types=self.types, pad_id=self.pad_id), [c for _, c in pairs]
+        return "lm", collate([s for s, _ in pairs], types=self.types, pad_id=self.pad_id), [c for _, c in pairs], ramp
 
     def loss(self, batch) -> tuple[torch.Tensor, dict]:
         import torch.nn.functional as F
 
-        kind, b, ctc_targets = batch
+        kind, b, ctc_targets, ramp = batch
+        align_weight = self.align_weight * ramp
         model = self.model
         mod = model.modalities[self.name]
         if kind == "ctc":  # encoder + adapter only
@@ -311,7 +317,7 @@ class SpeechLMObjective:
             feats, fmask = mod.encode({k: v.to(device) for k, v in b.items()})
             frames, fmask2 = mod.adapter(feats, fmask)  # (b, m2, d), (b, m2)
             ctc, align = self._ctc(frames, fmask2.sum(-1), ctc_targets)
-            return ctc + self.align_weight * align, {"samples": len(ctc_targets), "ctc_loss": round(ctc.item(), 4),
+            return ctc + align_weight * align, {"samples": len(ctc_targets), "ctc_loss": round(ctc.item(), 4),
                                                      "align_loss": round(align.item(), 4)}
         h, _, p, (_, tokens) = model.run(b.input_ids, b.attention_mask, media=b.media)
         target = b.labels[:, p + 1:]
@@ -325,7 +331,7 @@ class SpeechLMObjective:
         emb, emask, _ = tokens[self.name]  # (b, n, m2 + 2, d): [begin, frames..., end]
         ctc, align = self._ctc(emb[rows, 0, 1:-1], emask[rows, 0].sum(-1) - 2, [ctc_targets[i] for i in rows])
         info.update(ctc_loss=round(ctc.item(), 4), align_loss=round(align.item(), 4))
-        return lm + self.ctc_weight * (ctc + self.align_weight * align), info
+        return lm + self.ctc_weight * (ctc + align_weight * align), info
 
     def _ctc(self, frames: torch.Tensor, lengths: torch.Tensor,
              targets: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:

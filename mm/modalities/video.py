@@ -29,7 +29,7 @@ from encoders.video_io import VideoError, load_video, video_info
 from mm.modalities.base import LLMShape, ModalityType, cross_attention_modality, xattn_layers
 from mm.modality import Modality
 
-__all__ = ["VIDEO", "FrameEncoder", "TiledVideoEncoder", "build", "read", "preprocess", "video_xattn_layers",
+__all__ = ["VIDEO", "FrameEncoder", "TiledVideoEncoder", "SpaceTimeResampler", "build", "read", "preprocess", "video_xattn_layers",
            "image_adapter_copy", "moving_shapes_records", "SUFFIXES"]
 
 SUFFIXES = (".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg", ".ts", ".flv", ".wmv", ".3gp")
@@ -88,6 +88,28 @@ class TiledVideoEncoder(VideoEncoder):
         return self.aggregator(per_frame.view(b, f, n, e), frame_mask)  # (b, g*m, e), (b, g*m)
 
 
+class SpaceTimeResampler(nn.Module):
+    """The perceiver resampler with a learned embedding per token position within a frame
+    added first (it brings the frame-position embeddings of the resampler a spatial
+    counterpart: attention pools a set of tokens, so without it "where" is only what the
+    image features happen to keep, and motion is hard to learn).
+
+    forward(x (b, f, n, e), frame_mask (b, f)) -> (tokens (b, g*m, e), mask (b, g*m))
+    """
+
+    def __init__(self, resampler: nn.Module, *, tokens_per_frame: int, dim: int, std: float = 0.02):
+        super().__init__()
+        self.token_pos = nn.Parameter(torch.randn(tokens_per_frame, dim) * std)  # (n, e)
+        self.resampler = resampler
+
+    @property
+    def frames_per_group(self) -> int:
+        return self.resampler.frames_per_group
+
+    def forward(self, x: torch.Tensor, frame_mask: torch.Tensor | None = None):
+        return self.resampler(x + self.token_pos[: x.shape[2]].to(x.dtype), frame_mask)  # fewer tiles: a prefix
+
+
 def video_xattn_layers(n_layers: int, *, image_layers: list[int] | dict | None = None, every_image: int = 4,
                        layers: list[int] | None = None) -> list[int]:
     """Decoder layers of the video cross-attention blocks: explicit ``layers``, or the layer of
@@ -122,9 +144,10 @@ def build(llm: LLMShape, *, encoder: dict | None = None, aggregator: dict | None
         encoder: the image encoder's options, as in the image modality (copy them from the
             image run so its weights load into the copy).
         aggregator: perceiver resampler options: ``frames_per_group`` (K; 16 pre-training,
-            32 fine-tuning), ``num_latents`` (default: tokens per frame, so that K frames
-            merge into one), ``depth``, ``num_heads``, ``ffn_mult``, and ``frame_pos_std``:
-            initial scale of the frame-position embeddings (default: the resampler's 0.02).
+            32 fine-tuning), ``num_latents`` (default: tokens per tile, so that K frames
+            merge into one), ``depth``, ``num_heads``, ``ffn_mult``, and ``pos_std``: initial
+            scale of the frame- and token-position embeddings (default 0.02; the CPU demo
+            uses 1.0, the features' own scale, so that position matters from step 0).
         adapter: ``image_layers`` (the image adapter's layers or options) and ``every_image``,
             or explicit ``layers``; and ``heads``, ``kv_heads``, ``ffn_mult`` of the blocks.
         max_frames: F, frames sampled per video (default; a stage may lower it in preprocess).
@@ -136,12 +159,13 @@ def build(llm: LLMShape, *, encoder: dict | None = None, aggregator: dict | None
     agg = dict(aggregator or {})
     grid = image.tile_size // image.vit.patch_size[0]
     agg.setdefault("num_latents", grid * grid + 1)  # K frames -> one tile's worth of tokens
-    frame_pos_std = agg.pop("frame_pos_std", None)
+    pos_std = agg.pop("pos_std", 0.02)
     resampler = video_aggregator(dim=image.out_dim, **agg)
-    if frame_pos_std is not None:  # frame-position embeddings on the scale of the features
-        with torch.no_grad():
-            resampler.frame_pos.normal_(0.0, frame_pos_std)
-    video = TiledVideoEncoder(FrameEncoder(image), resampler, freeze_image_encoder=freeze_image_encoder)
+    with torch.no_grad():  # frame-position embeddings on the same scale as the spatial ones
+        resampler.frame_pos.normal_(0.0, pos_std)
+    tokens = image.max_tiles * (grid * grid + 1)
+    aggregator_ = SpaceTimeResampler(resampler, tokens_per_frame=tokens, dim=image.out_dim, std=pos_std)
+    video = TiledVideoEncoder(FrameEncoder(image), aggregator_, freeze_image_encoder=freeze_image_encoder)
     video.max_frames = int(max_frames)  # plain settings read by preprocess, not per-call state
     video.frame_size = image.tile_size
     video.max_tiles = image.max_tiles
@@ -173,7 +197,8 @@ def preprocess(path: Path, modality: Modality, *, max_frames: int | None = None,
     the single-frame baseline.
 
     Returns ``{"frames": (F, T, 3, s, s) uint8, "frame_mask": (F,) bool, "tile_mask": (T,)
-    bool, "aspect": () long}`` with T the encoder's max tiles.
+    bool, "aspect": () long}`` with T = ``max_tiles`` (default: the encoder's), padded like
+    images are.
     """
     enc = modality.encoder
     F = int(max_frames or enc.max_frames)
@@ -188,14 +213,14 @@ def preprocess(path: Path, modality: Modality, *, max_frames: int | None = None,
     canvas = clip.new_zeros(f, 3, rows * s, cols * s)
     canvas[:, :, :h, :w] = clip
     tiles = canvas.view(f, 3, rows, s, cols, s).permute(0, 2, 4, 1, 3, 5).reshape(f, rows * cols, 3, s, s)
-    frames = torch.zeros(F, T, 3, s, s, dtype=torch.uint8)
+    frames = torch.zeros(F, use, 3, s, s, dtype=torch.uint8)
     frames[:f, :rows * cols] = tiles
     mask = torch.arange(F) < f
     if single_frame:
         keep = torch.arange(F) == f // 2
         frames = frames * keep[:, None, None, None, None].to(frames.dtype)
         mask = keep
-    return {"frames": frames, "frame_mask": mask, "tile_mask": torch.arange(T) < rows * cols,
+    return {"frames": frames, "frame_mask": mask, "tile_mask": torch.arange(use) < rows * cols,
             "aspect": torch.tensor(possible_grids(T).index((cols, rows)))}
 
 

@@ -65,3 +65,19 @@ def test_unknown_dotted_path_lists_choices(tmp_path, capsys):
     assert main(["train", str(bad)]) != 0
     err = capsys.readouterr().err
     assert "cannot import modality 'examples.nowhere:THING'" in err and "image" in err
+
+
+def test_encoder_is_orientation_invariant():
+    import torch
+    from examples.accelerometer.accel import AccelEncoder
+    from examples.accelerometer.synth import _rotation, recording
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(recording("running", rng, seconds=3.0))[None]  # (1, s, 3)
+    rot = torch.from_numpy(_rotation(rng)).float()
+    enc = AccelEncoder(dim=16, hidden=8)
+    lengths = torch.tensor([x.shape[1]])
+    a, _ = enc(x, lengths)
+    b, _ = enc(x @ rot.T, lengths)
+    assert torch.allclose(a, b, atol=1e-4)
+    walk, _ = enc(torch.from_numpy(recording("walking", rng, seconds=3.0))[None], lengths)
+    assert not torch.allclose(a, walk, atol=1e-2)

@@ -126,3 +126,50 @@ def test_loss_only_on_labels_and_prefix_sharing_matches_full():
     logits = model.logits(h)[:, :-1]
     full = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
     torch.testing.assert_close(shared, full, rtol=1e-5, atol=1e-6)
+
+
+def test_trunk_cache_reuses_lower_layers_with_the_same_loss_and_gradients():
+    from mm.modalities.base import llm_shape
+    from mm.modalities.image import build as build_image
+    from mm.model import MultimodalLM, TrunkCache
+
+    llm = tiny_llm()
+    torch.manual_seed(1)
+    mod = build_image(llm_shape(llm.config), encoder=dict(preset="tiny", out_dim=32), adapter=dict(every=2, first=3))
+    model = MultimodalLM(llm, {"image": mod})
+    assert min(mod.layer_indices) == 3
+    open_gates(model, 0.5)
+    for n, p in model.named_parameters():
+        p.requires_grad_(n.startswith("modalities."))
+    ids = torch.randint(1, 128, (2, 12))
+    labels = torch.full_like(ids, -100)
+    labels[:, 9:] = ids[:, 9:]
+    att = torch.ones_like(ids)
+    media = {"image": image_media(2, positions=torch.tensor([[4], [5]]))}
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def loss_and_grads():
+        loss = model.loss(ids, labels, attention_mask=att, media=media)
+        return loss.detach(), torch.autograd.grad(loss, params, allow_unused=True)
+
+    ref, ref_g = loss_and_grads()
+    layers = list(model.decoder.layers)
+    model.trunk_cache = TrunkCache(16)
+    miss, miss_g = loss_and_grads()
+    assert (model.trunk_cache.misses, model.trunk_cache.hits, len(model.trunk_cache.rows)) == (2, 0, 2)
+    torch.testing.assert_close(miss, ref, rtol=1e-5, atol=1e-6)
+    hit, hit_g = loss_and_grads()
+    assert model.trunk_cache.hits == 2
+    assert list(model.decoder.layers) == layers  # the real layers are back after a cached step
+    torch.testing.assert_close(hit, ref, rtol=1e-5, atol=1e-6)
+    assert sum(g is not None for g in ref_g) > 10
+    for a, b in zip(hit_g, ref_g):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    # a changed token in one row: that row alone is new; the loss is still the plain one
+    ids[1, 10] = (ids[1, 10] % 127) + 1
+    again, _ = loss_and_grads()
+    assert (model.trunk_cache.misses, model.trunk_cache.hits) == (3, 3)
+    model.trunk_cache = None
+    torch.testing.assert_close(again, loss_and_grads()[0], rtol=1e-5, atol=1e-6)
