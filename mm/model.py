@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import inspect
 import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -379,12 +380,8 @@ class MultimodalLM(nn.Module):
         for i, (h, n) in enumerate(zip(rows, counts)):
             if n:
                 h0[i, valid[i]] = h[len(h) - n:]
-        layers = self.decoder.layers
-        self.decoder.layers = nn.ModuleList([_TrunkOutput(h0)] + [_Skip()] * (lowest - 1) + list(layers[lowest:]))
-        try:
+        with self._decoder_layers([_TrunkOutput(h0)] + [_Skip()] * (lowest - 1) + list(self.layers[lowest:])):
             return rest()
-        finally:
-            self.decoder.layers = layers
 
     @torch.no_grad()
     def _trunk(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, lowest: int) -> list[torch.Tensor]:
@@ -394,17 +391,25 @@ class MultimodalLM(nn.Module):
         def grab(module, args, output):
             seen["h"] = output[0] if isinstance(output, tuple) else output
 
-        layers = self.decoder.layers
-        handle = layers[lowest - 1].register_forward_hook(grab)
-        self.decoder.layers = nn.ModuleList(list(layers[:lowest]))
+        handle = self.layers[lowest - 1].register_forward_hook(grab)
         try:
-            self.decoder(input_ids=input_ids, attention_mask=attention_mask,
-                         position_ids=(attention_mask.long().cumsum(-1) - 1).clamp(min=0), use_cache=False)
+            with self._decoder_layers(list(self.layers[:lowest])):
+                self.decoder(input_ids=input_ids, attention_mask=attention_mask,
+                             position_ids=(attention_mask.long().cumsum(-1) - 1).clamp(min=0), use_cache=False)
         finally:
-            self.decoder.layers = layers
             handle.remove()
         keep = attention_mask.bool()
         return [seen["h"][i, keep[i]].clone() for i in range(len(input_ids))]
+
+    @contextmanager
+    def _decoder_layers(self, modules: list[nn.Module]):
+        """Run the decoder over ``modules`` instead of its layers, for the ``with`` block."""
+        layers = self.decoder.layers
+        self.decoder.layers = nn.ModuleList(modules)
+        try:
+            yield
+        finally:
+            self.decoder.layers = layers
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """LM head (with the model's logit soft-capping, if it has one)."""
