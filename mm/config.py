@@ -34,6 +34,7 @@ class DataConfig:
     # per-modality preprocessing options for this stage, e.g. {image: {max_tiles: 1}}
     preprocess: dict[str, dict] = field(default_factory=dict)
     max_bad_fraction: float = 0.1         # stop with an error when more samples than this are bad
+    cache_items: int = 0                  # keep up to this many prepared samples in memory (mm.data.SampleStream)
 
 
 @dataclass

@@ -238,15 +238,22 @@ def collate(samples: list[Sample], *, types: dict, pad_id: int) -> Batch:
 class SampleStream:
     """Deterministic batches: batch ``k`` depends only on (seed, k), so a run resumes at the
     exact data position from the step count alone. Sources are mixed by weight; samples are
-    drawn with replacement. Bad samples are skipped, counted and replaced."""
+    drawn with replacement. Bad samples are skipped, counted and replaced.
 
-    def __init__(self, sources: list[tuple[list[dict], float]], *, make, seed: int, max_bad_fraction: float):
+    ``cache_items``: keep up to this many prepared samples (``make``'s results) in memory, by
+    source and record, so that small datasets seen for many epochs are decoded and
+    preprocessed once (``make`` must be deterministic; streamed shards are never cached)."""
+
+    def __init__(self, sources: list[tuple[list[dict], float]], *, make, seed: int, max_bad_fraction: float,
+                 cache_items: int = 0):
         self.sources = [(recs, w) for recs, w in sources if recs]
         if not self.sources:
             raise DataError("no training records: every data source is empty")
         self.make = make
         self.seed = seed
         self.max_bad_fraction = max_bad_fraction
+        self.cache_items = int(cache_items)
+        self._made: dict[tuple[int, int], object] = {}
         self.seen = 0
         self.bad = 0
         self.bad_examples: list[str] = []
@@ -264,13 +271,15 @@ class SampleStream:
         for slot in range(getattr(self, "rank", 0), size, getattr(self, "world", 1)):
             rng = random.Random((self.seed * 1_000_003 + k) * 65_537 + slot)
             for tries in range(1, 51):
-                recs, _ = rng.choices(self.sources, weights)[0]
+                src = rng.choices(range(len(self.sources)), weights)[0]  # same draws as choosing the source
+                recs = self.sources[src][0]
                 i = rng.randrange(len(recs))
                 # shards (mm/shards.py): a slot's first try takes the next record in stream order
-                rec = recs.at(k, slot, size, self) if tries == 1 and hasattr(recs, "at") else recs[i]
+                streamed = tries == 1 and hasattr(recs, "at")
+                rec = recs.at(k, slot, size, self) if streamed else recs[i]
                 self.seen += 1
                 try:
-                    out.append(self.make(rec))
+                    out.append(self._make(rec, None if streamed else (src, i)))
                     break
                 except BadSample as e:
                     self.bad += 1
@@ -282,3 +291,11 @@ class SampleStream:
             else:
                 raise DataError(f"could not assemble a batch: {self.bad_examples[-1]}")
         return out
+
+    def _make(self, rec, key: tuple[int, int] | None):
+        if key is not None and key in self._made:
+            return self._made[key]
+        sample = self.make(rec)
+        if key is not None and len(self._made) < self.cache_items:
+            self._made[key] = sample
+        return sample

@@ -29,7 +29,8 @@ class LMObjective:
         self.modules = nn.ModuleDict()
         make = partial(make_sample, model=model, types=types, tokenizer=tokenizer, preprocess=cfg.data.preprocess)
         sources = [(load_source(s, types), float(s.get("weight", 1.0))) for s in cfg.data.sources]
-        self.stream = SampleStream(sources, make=make, seed=cfg.seed, max_bad_fraction=cfg.data.max_bad_fraction)
+        self.stream = SampleStream(sources, make=make, seed=cfg.seed, max_bad_fraction=cfg.data.max_bad_fraction,
+                                   cache_items=cfg.data.cache_items)
 
     def batch(self, step: int):
         return collate(self.stream.batch(step, self.cfg.optim.batch_size), types=self.types, pad_id=self.pad_id)
@@ -52,9 +53,7 @@ class ContrastiveObjective:
     """CLIP pre-training of an image encoder's ViT on image-text pairs (open_clip's loss).
 
     The text tower is a small open_clip text transformer that exists only for this stage.
-    ``extra``: ``modality`` (default image), ``embed_dim``, ``text_width``, ``text_layers``,
-    ``cache_items``: keep up to this many preprocessed images in memory (default 0; small
-    datasets seen for many epochs skip decoding and resizing after the first pass).
+    ``extra``: ``modality`` (default image), ``embed_dim``, ``text_width``, ``text_layers``.
     """
 
     def __init__(self, cfg: RunConfig, model, types: dict, tokenizer):
@@ -80,11 +79,10 @@ class ContrastiveObjective:
         self.context_length = text.context_length
         self.tokenize = open_clip.get_tokenizer("ViT-B-32")
         self.clip_loss = open_clip.ClipLoss()
-        self.cache_items = int(ex.get("cache_items", 0))
-        self._cache: dict[str, dict] = {}
         make = self._make
         sources = [(load_source(s, types), float(s.get("weight", 1.0))) for s in cfg.data.sources]
-        self.stream = SampleStream(sources, make=make, seed=cfg.seed, max_bad_fraction=cfg.data.max_bad_fraction)
+        self.stream = SampleStream(sources, make=make, seed=cfg.seed, max_bad_fraction=cfg.data.max_bad_fraction,
+                                   cache_items=cfg.data.cache_items)
 
     def _make(self, rec):
         from mm.data import BadSample, _paths
@@ -94,16 +92,11 @@ class ContrastiveObjective:
         text = rec.get("text")
         if not paths or not isinstance(text, str) or not text.strip():
             raise BadSample(f"{rec.get('_where', 'record')}: needs a {self.name} and a non-empty 'text'")
-        key = str(paths[0])
-        item = self._cache.get(key)
-        if item is None:
-            try:
-                item = self.type.preprocess(self.type.read(paths[0]), self.mod,
-                                            **{"max_tiles": 1, **self.cfg.data.preprocess.get(self.name, {})})
-            except ValueError as e:
-                raise BadSample(str(e).splitlines()[0]) from None
-            if len(self._cache) < self.cache_items:
-                self._cache[key] = item
+        try:
+            item = self.type.preprocess(self.type.read(paths[0]), self.mod,
+                                        **{"max_tiles": 1, **self.cfg.data.preprocess.get(self.name, {})})
+        except ValueError as e:
+            raise BadSample(str(e).splitlines()[0]) from None
         return item, text
 
     def batch(self, step: int):

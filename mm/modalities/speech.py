@@ -201,7 +201,8 @@ class BestRqObjective:
         self.modules = nn.ModuleDict({"heads": self.best_rq.heads})
         self.preprocess = cfg.data.preprocess.get(self.name, {})
         sources = [(load_source(s, types), float(s.get("weight", 1.0))) for s in cfg.data.sources]
-        self.stream = SampleStream(sources, make=self._make, seed=cfg.seed, max_bad_fraction=cfg.data.max_bad_fraction)
+        self.stream = SampleStream(sources, make=self._make, seed=cfg.seed, max_bad_fraction=cfg.data.max_bad_fraction,
+                                   cache_items=cfg.data.cache_items)
 
     def _make(self, rec: dict) -> dict:
         from mm.data import BadSample, _paths
@@ -282,7 +283,8 @@ class SpeechLMObjective:
         self._make_sample = partial(make_sample, model=model, types=types, tokenizer=tokenizer,
                                     preprocess=cfg.data.preprocess)
         sources = [(load_source(s, types), float(s.get("weight", 1.0))) for s in cfg.data.sources]
-        self.stream = SampleStream(sources, make=self._make, seed=cfg.seed, max_bad_fraction=cfg.data.max_bad_fraction)
+        self.stream = SampleStream(sources, make=self._make, seed=cfg.seed, max_bad_fraction=cfg.data.max_bad_fraction,
+                                   cache_items=cfg.data.cache_items)
 
     def _make(self, rec: dict):
         sample = self._make_sample(rec)

@@ -71,3 +71,29 @@ def test_tiles_keep_aspect_ratio():
     assert best_grid(16, 16, 32, 4) == (1, 1)
     tiles, mask, aspect = tile_image(Image.new("RGB", (100, 40)), tile_size=32, max_tiles=4)
     assert tiles.shape == (4, 3, 32, 32) and mask.tolist() == [True, True, True, False]
+
+
+def test_sample_stream_cache_prepares_each_record_once_with_the_same_batches():
+    from mm.data import BadSample, SampleStream
+
+    recs = [{"i": i} for i in range(6)] + [{"i": -1}]
+    calls = []
+
+    def make(rec):
+        calls.append(rec["i"])
+        if rec["i"] < 0:
+            raise BadSample("bad record")
+        return rec["i"] * 10
+
+    def batches(cache_items):
+        calls.clear()
+        s = SampleStream([(recs, 1.0), (recs[:2], 1.0)], make=make, seed=5, max_bad_fraction=0.9,
+                         cache_items=cache_items)
+        return [s.batch(k, 4) for k in range(20)], list(calls), s.bad
+
+    plain, plain_calls, plain_bad = batches(0)
+    cached, cached_calls, cached_bad = batches(100)
+    assert cached == plain and cached_bad == plain_bad > 0  # bad records are never cached, still counted
+    # cached by (source, record): records 0 and 1 are in both sources, the others in one
+    assert all(cached_calls.count(i) <= (2 if i < 2 else 1) for i in range(6))
+    assert len(cached_calls) < len(plain_calls)
