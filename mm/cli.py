@@ -141,7 +141,8 @@ def cmd_eval(a) -> int:
         sources = [{"type": "manifest", "path": m} for m in a.manifest]
     if not sources:
         raise ValueError(f"{a.model}: no eval sources in its config; give --manifest FILE")
-    res = evaluate(model, types, llm.tokenizer, sources, batch_size=a.batch_size, preprocess=cfg.data.preprocess)
+    res = evaluate(model, types, llm.tokenizer, sources, batch_size=a.batch_size, preprocess=cfg.data.preprocess,
+                   prefix_cache=cfg.eval.prefix_cache)
     if a.json:
         print(json.dumps(res, indent=2))
     else:

@@ -56,6 +56,7 @@ class EvalConfig:
     sources: list[dict] = field(default_factory=list)
     limit: int = 0                        # 0: everything
     batch_size: int = 32
+    prefix_cache: int = 0                 # text-only prompt prefixes reused across batches; 0 = off
 
 
 @dataclass
@@ -85,6 +86,7 @@ class RunConfig:
     log_every: int = 5
     threads: int = 0                      # torch threads; 0 = torch's default
     trunk_cache: int = 0                  # rows of frozen lower-layer states reused (mm.model.TrunkCache); 0 = off
+    prefix_cache: int = 0                 # text-only prompt prefixes whose keys/values are reused (mm.model.PrefixCache); 0 = off
     device: str | None = None             # cpu, cuda, cuda:1 ...; default: cuda if available
     distributed: DistConfig = field(default_factory=DistConfig)
     extra: dict[str, Any] = field(default_factory=dict)  # objective-specific options

@@ -65,7 +65,7 @@ def run_image(out: Path, *, fast: bool, llm_spec: str) -> dict:
         sources = [dict(s, limit=16) for s in sources]
     print(f"[image] evaluating on easy-vqa test ...", flush=True)
     res = evaluate(model, types, llm.tokenizer, sources, batch_size=cfg.eval.batch_size,
-                   preprocess=cfg.data.preprocess, max_new_tokens=8)
+                   preprocess=cfg.data.preprocess, max_new_tokens=8, prefix_cache=cfg.eval.prefix_cache)
     seconds["eval"] = round(time.time() - t, 1)
     for task in ("caption", "vqa"):
         for s in res.get(task, {}).get("samples", []):

@@ -95,21 +95,11 @@ def default_positions(input_ids: torch.Tensor, attention_mask, cache) -> torch.T
     return torch.arange(past, past + input_ids.shape[1], device=input_ids.device)[None]  # (1, t)
 
 
-class TrunkCache:
-    """Hidden states of the frozen LLM's layers below the lowest cross-attention layer, kept
-    per text row and reused in later steps.
-
-    Below that layer no adapter acts, so a row's hidden states there are a function of its
-    tokens alone (the LLM is frozen): a row seen before need not run those layers again. On
-    small-vocabulary data (templated captions and questions, many epochs) most rows repeat and
-    a step runs only the upper layers for them. A row is looked up by its tokens; its value is
-    the hidden states of all of them (a batch uses those right of its first media column). New
-    rows run the lower layers once, whole and without gradients. Up to ``max_rows`` rows are
-    kept (a full cache stops adding; rows it cannot keep are still computed, every time).
-
-    Values come from earlier batches of other shapes, so they match a fresh computation up to
-    float rounding, not bit for bit; it is off unless a run asks for it (``trunk_cache:``).
-    """
+class _RowCache:
+    """Values computed by the frozen LLM from text alone, looked up by token tuples. Up to
+    ``max_rows`` entries are kept (a full cache stops adding; what it cannot keep is still
+    computed, every time). Values come from earlier batches of other shapes, so they match a
+    fresh computation up to float rounding, not bit for bit: off unless a run asks for it."""
 
     def __init__(self, max_rows: int):
         self.max_rows = int(max_rows)
@@ -117,10 +107,73 @@ class TrunkCache:
         self.hits = 0
         self.misses = 0
 
+    def put(self, key: tuple, value: torch.Tensor) -> None:
+        if key in self.rows or len(self.rows) < self.max_rows:
+            self.rows[key] = value
+
+    def stats(self) -> dict:
+        return {"rows": len(self.rows), "row_hits": self.hits, "row_misses": self.misses}
+
+
+class TrunkCache(_RowCache):
+    """Hidden states of the frozen LLM's layers below the lowest cross-attention layer, kept
+    per text row and reused in later steps (``trunk_cache:`` rows).
+
+    Below that layer no adapter acts, so a row's hidden states there are a function of its
+    tokens alone (the LLM is frozen): a row seen before need not run those layers again. On
+    small-vocabulary data (templated captions and questions, many epochs) most rows repeat and
+    a step runs only the upper layers for them. A row is looked up by that layer's index and
+    its tokens; its value is the hidden states of all of them (a batch uses those right of its
+    first media column). New rows run the lower layers once, whole and without gradients.
+    """
+
     @staticmethod
     def keys(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[tuple]:
         return [tuple(i for i, k in zip(ids, keep) if k)
                 for ids, keep in zip(input_ids.tolist(), attention_mask.tolist())]
+
+
+class PrefixCache(_RowCache):
+    """Key/value states of text-only prompt prefixes, kept across batches (``prefix_cache:``
+    entries).
+
+    Text left of a batch's first media column depends on the text alone (the LLM is frozen
+    and no adapter acts there), so its keys and values are a function of its tokens: a
+    prefix seen before need not run again. A batch's prefix has two parts (see
+    :meth:`MultimodalLM.run`): the columns every row shares (a system prompt), kept once,
+    and each row's own tokens after them (its question), kept per distinct row. On
+    templated data (a few hundred distinct questions, many epochs) a warm step runs no
+    prefix at all. Each entry is one tensor ``(tokens, layers, 2, kv heads, head dim)``.
+    """
+
+
+_SHARED_CACHES: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def shared_text_cache(llm: nn.Module, kind: type[_RowCache], max_rows: int) -> _RowCache:
+    """The process's one cache of ``kind`` for this frozen LLM object, holding at least
+    ``max_rows``. Its values depend only on the LLM's weights and the text, so every model
+    built on the same (cached) LLM shares it: a later stage and the evaluation after it
+    start warm. It lives as long as the LLM object."""
+    caches = _SHARED_CACHES.setdefault(llm, {})
+    cache = caches.get(kind)
+    if cache is None:
+        cache = caches[kind] = kind(max_rows)
+    cache.max_rows = max(cache.max_rows, int(max_rows))
+    return cache
+
+
+def _stack_kv(cache, batch_index: int | None = None) -> torch.Tensor | None:
+    """A cache's keys and values as one ``(b, t, layers, 2, kv heads, head dim)`` tensor, or
+    None when its layers differ in shape (then the prefix is not cached)."""
+    layers = getattr(cache, "layers", None)
+    if not layers or any(getattr(l, "keys", None) is None for l in layers):
+        return None
+    shape = layers[0].keys.shape
+    if any(l.keys.shape != shape or l.values.shape != shape for l in layers):
+        return None
+    kv = torch.stack([torch.stack([l.keys, l.values], 1) for l in layers], 1)  # (b, L, 2, k, t, c)
+    return kv.permute(0, 4, 1, 2, 3, 5)  # (b, t, L, 2, k, c)
 
 
 class _TrunkOutput(nn.Module):
@@ -165,6 +218,7 @@ class MultimodalLM(nn.Module):
         self.share_prefix = True      # compute text-only prefixes once, without gradients
         self.checkpoint_xattn = False  # non-reentrant activation checkpointing of adapters
         self.trunk_cache: TrunkCache | None = None  # reuse of frozen lower-layer states (training)
+        self.prefix_cache: PrefixCache | None = None  # reuse of text-only prefix keys/values
         self.kv_projections = 0  # counts project_kv calls (tests prove K/V are made once)
         for name, mod in self.modalities.items():
             self._check_modality(name, mod)
@@ -329,24 +383,11 @@ class MultimodalLM(nn.Module):
             same = ((input_ids == input_ids[:1]) & (attention_mask == 1)).all(0)  # (t,)
             shared = int(same[:p].long().cumprod(0).sum()) if b > 1 else p
             with torch.no_grad():
-                if shared:
-                    _, cache = self.hidden_states(input_ids[:1, :shared], attention_mask=attention_mask[:1, :shared],
-                                                  position_ids=positions[:1, :shared], cache=cache,
-                                                  use_cache=True, encoded=({}, {}))
-                if p > shared:
-                    rows = torch.cat([input_ids[:, shared:p], attention_mask[:, shared:p]], dim=1)
-                    uniq, inverse = torch.unique(rows, dim=0, return_inverse=True)
-                    n, w = uniq.shape[0], p - shared
-                    full = torch.cat([attention_mask.new_ones(n, shared), uniq[:, w:]], dim=1)
-                    if shared and n > 1:
-                        cache.batch_repeat_interleave(n)
-                    _, cache = self.hidden_states(uniq[:, :w], attention_mask=full,
-                                                  position_ids=(full.cumsum(-1) - 1).clamp(min=0)[:, shared:],
-                                                  cache=cache, use_cache=True, encoded=({}, {}))
-                    if n != b or not torch.equal(inverse, torch.arange(b, device=inverse.device)):
-                        cache.reorder_cache(inverse)
-                elif b > 1:
-                    cache.batch_repeat_interleave(b)
+                cached = (self._cached_prefix(input_ids, attention_mask, positions, p, shared)
+                          if self.prefix_cache is not None else None)
+                cache = cached if cached is not None else self._prefix(input_ids, attention_mask, positions,
+                                                                       p, shared, cache)
+
         def rest():
             return self.hidden_states(input_ids[:, p:], attention_mask=attention_mask,
                                       position_ids=positions[:, p:], cache=cache,
@@ -359,11 +400,102 @@ class MultimodalLM(nn.Module):
             h, cache = rest()
         return h, cache, p, encoded
 
+    def _prefix(self, input_ids, attention_mask, positions, p: int, shared: int, cache):
+        """The KV cache of columns ``0..p`` (text only): the ``shared`` columns once, the rest
+        once per distinct row."""
+        b = input_ids.shape[0]
+        if shared:
+            _, cache = self.hidden_states(input_ids[:1, :shared], attention_mask=attention_mask[:1, :shared],
+                                          position_ids=positions[:1, :shared], cache=cache,
+                                          use_cache=True, encoded=({}, {}))
+        if p > shared:
+            rows = torch.cat([input_ids[:, shared:p], attention_mask[:, shared:p]], dim=1)
+            uniq, inverse = torch.unique(rows, dim=0, return_inverse=True)
+            n, w = uniq.shape[0], p - shared
+            full = torch.cat([attention_mask.new_ones(n, shared), uniq[:, w:]], dim=1)
+            if shared and n > 1:
+                cache.batch_repeat_interleave(n)
+            _, cache = self.hidden_states(uniq[:, :w], attention_mask=full,
+                                          position_ids=(full.cumsum(-1) - 1).clamp(min=0)[:, shared:],
+                                          cache=cache, use_cache=True, encoded=({}, {}))
+            if n != b or not torch.equal(inverse, torch.arange(b, device=inverse.device)):
+                cache.reorder_cache(inverse)
+        elif b > 1:
+            cache.batch_repeat_interleave(b)
+        return cache
+
+    def _cached_prefix(self, input_ids, attention_mask, positions, p: int, shared: int):
+        """The KV cache of columns ``0..p`` (text only) from :attr:`prefix_cache`, running
+        only the parts not cached yet; None when this LLM's cache cannot be kept that way."""
+        pc = self.prefix_cache
+        b = input_ids.shape[0]
+        head = tuple(input_ids[0, :shared].tolist())
+        head_kv = None
+        if shared:
+            if (head,) in pc.rows:
+                pc.hits += 1
+            else:
+                pc.misses += 1
+                _, c = self.hidden_states(input_ids[:1, :shared], attention_mask=attention_mask[:1, :shared],
+                                          position_ids=positions[:1, :shared], cache=self.new_cache(),
+                                          use_cache=True, encoded=({}, {}))
+                kv = _stack_kv(c)
+                if kv is None:
+                    return None
+                pc.put((head,), kv[0])
+            head_kv = pc.rows.get((head,))
+            if head_kv is None:  # the cache is full
+                return None
+        if p == shared:
+            own = head_kv[None].expand(b, *head_kv.shape)
+            return self._cache_from_kv(own)
+        valid = attention_mask[:, shared:p].bool()  # (b, w) the rows' own prefix tokens
+        keys = [(head, tuple(i for i, k in zip(ids, keep) if k))
+                for ids, keep in zip(input_ids[:, shared:p].tolist(), valid.tolist())]
+        todo = {}
+        for r, k in enumerate(keys):
+            if k not in pc.rows and k not in todo:
+                todo[k] = r
+        pc.misses += len(todo)
+        pc.hits += b - len(todo)
+        fresh = {}
+        if todo:
+            idx = torch.tensor(list(todo.values()), device=input_ids.device)
+            n = len(idx)
+            c = self.new_cache()
+            if shared:
+                c = self._cache_from_kv(head_kv[None].expand(n, *head_kv.shape))
+            _, c = self.hidden_states(input_ids[idx, shared:p], attention_mask=attention_mask[idx, :p],
+                                      position_ids=positions[idx, shared:p], cache=c, use_cache=True,
+                                      encoded=({}, {}))
+            kv = _stack_kv(c)
+            if kv is None:
+                return None
+            for j, k in enumerate(todo):
+                fresh[k] = kv[j, shared:][valid[idx[j]]].clone()
+                pc.put(k, fresh[k])
+        rows = [fresh.get(k, pc.rows.get(k)) for k in keys]
+        if any(r is None for r in rows):
+            return None
+        own = rows[0].new_zeros(b, p - shared, *rows[0].shape[1:])  # (b, w, L, 2, k, c)
+        own[valid] = torch.cat(rows, 0)
+        if shared:
+            own = torch.cat([head_kv[None].expand(b, *head_kv.shape), own], 1)
+        return self._cache_from_kv(own)
+
+    def _cache_from_kv(self, kv: torch.Tensor):
+        """A KV cache holding ``kv`` (b, t, layers, 2, kv heads, head dim)."""
+        kv = kv.permute(2, 3, 0, 4, 1, 5)  # (L, 2, b, k, t, c)
+        cache = self.new_cache()
+        for li in range(kv.shape[0]):
+            cache.update(kv[li, 0].contiguous(), kv[li, 1].contiguous(), li)
+        return cache
+
     def _run_with_trunk_cache(self, rest, input_ids, attention_mask, p: int, lowest: int):
         """``rest()`` with layers ``0..lowest-1`` replaced by cached hidden states; rows not
         yet cached run those layers first (whole rows, without gradients) and are cached."""
         tc = self.trunk_cache
-        keys = tc.keys(input_ids, attention_mask)
+        keys = [(lowest, k) for k in tc.keys(input_ids, attention_mask)]
         counts = attention_mask[:, p:].sum(-1).tolist()  # each row's tokens from column p on
         miss = [i for i, k in enumerate(keys) if k not in tc.rows or len(tc.rows[k]) < counts[i]]
         tc.misses += len(miss)
@@ -372,8 +504,7 @@ class MultimodalLM(nn.Module):
         if miss:
             for i, h in zip(miss, self._trunk(input_ids[miss], attention_mask[miss], lowest)):
                 fresh[keys[i]] = h
-                if keys[i] in tc.rows or len(tc.rows) < tc.max_rows:
-                    tc.rows[keys[i]] = h
+                tc.put(keys[i], h)
         valid = attention_mask[:, p:].bool()  # (b, t - p)
         rows = [fresh.get(k, tc.rows.get(k)) for k in keys]
         h0 = rows[0].new_zeros(*valid.shape, rows[0].shape[-1])
@@ -432,10 +563,13 @@ class MultimodalLM(nn.Module):
         (``reduction="sum"``: the sum and the number of labelled positions).
 
         Only labelled positions go through the LM head, in chunks, so a large vocabulary
-        never materialises (b, t, vocab) logits.
+        never materialises (b, t, vocab) logits. The last column predicts nothing, so with
+        cross-attention media only it is not run at all.
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        if input_ids.shape[1] > 1 and all(self.modalities[n].kind == "xattn" for n in (media or {})):
+            input_ids, attention_mask = input_ids[:, :-1], attention_mask[:, :-1]
         h, _, p, _ = self.run(input_ids, attention_mask, media=media)
         target = labels[:, p + 1:]
         h = h[:, :target.shape[1]]

@@ -78,6 +78,7 @@ class ContrastiveObjective:
         })
         self.context_length = text.context_length
         self.tokenize = open_clip.get_tokenizer("ViT-B-32")
+        self._token_memo: dict[str, torch.Tensor] = {}
         self.clip_loss = open_clip.ClipLoss()
         make = self._make
         sources = [(load_source(s, types), float(s.get("weight", 1.0))) for s in cfg.data.sources]
@@ -102,8 +103,16 @@ class ContrastiveObjective:
     def batch(self, step: int):
         items = self.stream.batch(step, self.cfg.optim.batch_size)
         pixels = torch.stack([it["pixels"][0] for it, _ in items])  # first tile, (b, 3, s, s)
-        tokens = self.tokenize([t for _, t in items])[:, : self.context_length]
+        tokens = torch.stack([self._tokens(t) for _, t in items])
         return pixels, tokens
+
+    def _tokens(self, text: str) -> torch.Tensor:
+        # open_clip's tokenizer (ftfy, regex) costs ~0.2 ms a caption; captions repeat
+        if text not in self._token_memo:
+            if len(self._token_memo) >= 100_000:
+                self._token_memo.clear()
+            self._token_memo[text] = self.tokenize([text])[0, : self.context_length]
+        return self._token_memo[text]
 
     def loss(self, batch) -> tuple[torch.Tensor, dict]:
         pixels, tokens = batch

@@ -127,6 +127,19 @@ def load_checkpoint(out: Path, model, objective, opt, sched) -> int:
     return int(st["step"])
 
 
+def release_text_caches(model, start: dict) -> dict:
+    """Detach the (shared, per-LLM) trunk and prefix caches from the model and return what
+    this run added to them, for the run summary."""
+    stats = {}
+    for name in ("trunk_cache", "prefix_cache"):
+        c = getattr(model, name, None)
+        if c is not None:
+            s, s0 = c.stats(), start.get(name, {})
+            stats[name] = {"rows": s["rows"], **{k: s[k] - s0.get(k, 0) for k in ("row_hits", "row_misses")}}
+        setattr(model, name, None)
+    return stats
+
+
 def train(cfg: RunConfig, *, progress: bool = True, stop_after: int | None = None) -> Path:
     """Run one stage. ``stop_after``: stop (with a checkpoint) after that many steps of this
     call, as if killed, so tests can resume."""
@@ -155,9 +168,12 @@ def train(cfg: RunConfig, *, progress: bool = True, stop_after: int | None = Non
     objective.modules.to(d.device)
     if cfg.distributed.checkpointing:
         enable_checkpointing(model, cfg.distributed.checkpointing)
-    elif cfg.trunk_cache and not d.enabled and not cfg.distributed.fsdp_single_process:
-        from mm.model import TrunkCache
-        model.trunk_cache = TrunkCache(cfg.trunk_cache)
+    elif not d.enabled and not cfg.distributed.fsdp_single_process:
+        from mm.model import PrefixCache, TrunkCache, shared_text_cache
+        model.trunk_cache = shared_text_cache(model.llm, TrunkCache, cfg.trunk_cache) if cfg.trunk_cache else None
+        model.prefix_cache = shared_text_cache(model.llm, PrefixCache, cfg.prefix_cache) if cfg.prefix_cache else None
+    cache_start = {name: c.stats() for name in ("trunk_cache", "prefix_cache")
+                   if (c := getattr(model, name, None)) is not None}
     if d.enabled or cfg.distributed.fsdp_single_process:
         if d.world == 1 and not torch.distributed.is_initialized():
             raise ValueError("distributed.fsdp_single_process needs torchrun (a process group)")
@@ -226,6 +242,7 @@ def train(cfg: RunConfig, *, progress: bool = True, stop_after: int | None = Non
                 save_checkpoint(out, step, model, objective, opt, sched, llm, d=d)
                 if bar is not None:
                     bar.close()
+                release_text_caches(model, cache_start)
                 return out
     if bar is not None:
         bar.close()
@@ -241,10 +258,7 @@ def train(cfg: RunConfig, *, progress: bool = True, stop_after: int | None = Non
                "bad_samples": stream.bad if stream else 0, "samples_seen": stream.seen if stream else 0,
                "bad_examples": stream.bad_examples[:5] if stream else [],
                "text_weights_unchanged": True}
-    if model.trunk_cache is not None:
-        tc = model.trunk_cache
-        summary["trunk_cache"] = {"rows": len(tc.rows), "row_hits": tc.hits, "row_misses": tc.misses}
-        model.trunk_cache = None  # the model may be reused (the demo's cached LLM); free the states
+    summary.update(release_text_caches(model, cache_start))
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     barrier(d)
     return out

@@ -173,3 +173,65 @@ def test_trunk_cache_reuses_lower_layers_with_the_same_loss_and_gradients():
     assert (model.trunk_cache.misses, model.trunk_cache.hits) == (3, 3)
     model.trunk_cache = None
     torch.testing.assert_close(again, loss_and_grads()[0], rtol=1e-5, atol=1e-6)
+
+
+def _prefix_batch():
+    """Three rows laid out [shared 4][padding][own prefix][image, answer]: rows 0 and 2 share
+    their own prefix too; row 1 is shorter (left of its prefix, padding)."""
+    shared = [5, 6, 7, 8]
+    own = [[20, 21, 22], [30, 31], [20, 21, 22]]
+    tail = [[40, 41, 42], [43, 44, 45], [46, 47, 48]]
+    t = len(shared) + 3 + 3
+    ids = torch.zeros(3, t, dtype=torch.long)
+    att = torch.zeros(3, t, dtype=torch.long)
+    for i in range(3):
+        row = own[i] + tail[i]
+        ids[i, :4], att[i, :4] = torch.tensor(shared), 1
+        ids[i, t - len(row):], att[i, t - len(row):] = torch.tensor(row), 1
+    labels = torch.full_like(ids, -100)
+    labels[:, -2:] = ids[:, -2:]
+    starts = (att.cumsum(-1) - 1)[:, 7:8]  # the image is seen from column 7 (the tail) on
+    return ids, att, labels, image_media(3, positions=starts)
+
+
+def test_prefix_cache_reuses_prompt_keys_values_with_the_same_loss_gradients_and_answers():
+    from mm.model import PrefixCache, shared_text_cache
+
+    llm = tiny_llm()
+    model = tiny_image_mm(llm)
+    open_gates(model, 0.5)
+    ids, att, labels, media = _prefix_batch()
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def loss_and_grads():
+        loss = model.loss(ids, labels, attention_mask=att, media={"image": media})
+        return loss.detach(), torch.autograd.grad(loss, params, allow_unused=True)
+
+    ref, ref_g = loss_and_grads()
+    ref_ids = model.generate(ids, att, media={"image": media}, max_new_tokens=5)
+    cache = model.prefix_cache = shared_text_cache(llm, PrefixCache, 8)
+    cold, _ = loss_and_grads()
+    # the shared columns once, then the two distinct own prefixes; the third row hits
+    assert (cache.misses, cache.hits, len(cache.rows)) == (3, 1, 3)
+    warm, warm_g = loss_and_grads()
+    assert (cache.misses, cache.hits) == (3, 5)
+    for got in (cold, warm):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    for a, b in zip(warm_g, ref_g):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert torch.equal(model.generate(ids, att, media={"image": media}, max_new_tokens=5), ref_ids)
+    assert cache.misses == 3  # generation found every prefix cached
+    one = image_media(1, positions=media.positions[:1])
+    one.inputs = {k: v[:1] for k, v in media.inputs.items()}
+    assert torch.equal(model.generate(ids[:1], att[:1], media={"image": one}, max_new_tokens=5), ref_ids[:1])
+    # another model on the same LLM object shares the cache; a full cache still computes
+    other = tiny_image_mm(llm)
+    assert shared_text_cache(llm, PrefixCache, 1) is cache
+    full = model.prefix_cache = PrefixCache(1)
+    torch.testing.assert_close(loss_and_grads()[0], ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss_and_grads()[0], ref, rtol=1e-5, atol=1e-6)
+    assert len(full.rows) == 1
+    model.prefix_cache = None
+    del other
