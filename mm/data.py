@@ -10,6 +10,8 @@ Notation: b=batch, t=text tokens, n=media items per sample.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import json
 import random
 from dataclasses import dataclass
@@ -76,6 +78,7 @@ def load_source(src: dict, types: dict) -> list[dict]:
     src = dict(src)
     kind = src.pop("type", None)
     src.pop("weight", None)
+    src.pop("balance", None)  # sampling options, read by SampleStream
     if kind == "manifest":
         return read_manifest(src["path"])
     if kind == "folder":
@@ -235,6 +238,21 @@ def collate(samples: list[Sample], *, types: dict, pad_id: int) -> Batch:
     return Batch(ids, att, labels, media)
 
 
+def _balance_weights(recs, fields) -> list[float] | None:
+    """Cumulative sampling weights that give every distinct value of ``fields`` (e.g.
+    ``[question, text]``: each question-answer pair) the same share of a source's draws."""
+    if not fields:
+        return None
+    if not isinstance(recs, list):
+        raise DataError("balance: needs an in-memory source (not streamed shards)")
+    fields = [fields] if isinstance(fields, str) else list(fields)
+    keys = [tuple(str(r.get(f)) for f in fields) for r in recs]
+    counts: dict[tuple, int] = {}
+    for k in keys:
+        counts[k] = counts.get(k, 0) + 1
+    return list(itertools.accumulate(1.0 / counts[k] for k in keys))
+
+
 class SampleStream:
     """Deterministic batches: batch ``k`` depends only on (seed, k), so a run resumes at the
     exact data position from the step count alone. Sources are mixed by weight; samples are
@@ -244,9 +262,12 @@ class SampleStream:
     source and record, so that small datasets seen for many epochs are decoded and
     preprocessed once (``make`` must be deterministic; streamed shards are never cached)."""
 
-    def __init__(self, sources: list[tuple[list[dict], float]], *, make, seed: int, max_bad_fraction: float,
+    def __init__(self, sources: list[tuple], *, make, seed: int, max_bad_fraction: float,
                  cache_items: int = 0):
-        self.sources = [(recs, w) for recs, w in sources if recs]
+        # each source: (records, weight) or (records, weight, balance fields)
+        sources = [tuple(s) + (None,) * (3 - len(s)) for s in sources]
+        self.sources = [(recs, w) for recs, w, _ in sources if recs]
+        self._cum = [_balance_weights(recs, fields) for recs, _, fields in sources if recs]
         if not self.sources:
             raise DataError("no training records: every data source is empty")
         self.make = make
@@ -257,6 +278,15 @@ class SampleStream:
         self.seen = 0
         self.bad = 0
         self.bad_examples: list[str] = []
+
+    @classmethod
+    def from_config(cls, cfg, types: dict, make) -> "SampleStream":
+        """The stream of a stage's ``data:`` section. A source may set ``weight:`` (its share
+        of draws) and ``balance:`` (record fields, e.g. ``[question, text]``: each distinct
+        value drawn equally often, so no answer wins by being the common one)."""
+        sources = [(load_source(s, types), float(s.get("weight", 1.0)), s.get("balance")) for s in cfg.data.sources]
+        return cls(sources, make=make, seed=cfg.seed, max_bad_fraction=cfg.data.max_bad_fraction,
+                   cache_items=cfg.data.cache_items)
 
     def shard(self, rank: int, world: int) -> None:
         """Data parallelism: this process makes only slots ``rank, rank + world, ...`` of
@@ -272,8 +302,8 @@ class SampleStream:
             rng = random.Random((self.seed * 1_000_003 + k) * 65_537 + slot)
             for tries in range(1, 51):
                 src = rng.choices(range(len(self.sources)), weights)[0]  # same draws as choosing the source
-                recs = self.sources[src][0]
-                i = rng.randrange(len(recs))
+                recs, cum = self.sources[src][0], self._cum[src]
+                i = rng.randrange(len(recs)) if cum is None else bisect.bisect_right(cum, rng.random() * cum[-1])
                 # shards (mm/shards.py): a slot's first try takes the next record in stream order
                 streamed = tries == 1 and hasattr(recs, "at")
                 rec = recs.at(k, slot, size, self) if streamed else recs[i]

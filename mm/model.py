@@ -163,7 +163,7 @@ def shared_text_cache(llm: nn.Module, kind: type[_RowCache], max_rows: int) -> _
     return cache
 
 
-def _stack_kv(cache, batch_index: int | None = None) -> torch.Tensor | None:
+def _stack_kv(cache) -> torch.Tensor | None:
     """A cache's keys and values as one ``(b, t, layers, 2, kv heads, head dim)`` tensor, or
     None when its layers differ in shape (then the prefix is not cached)."""
     layers = getattr(cache, "layers", None)
@@ -366,7 +366,8 @@ class MultimodalLM(nn.Module):
         are the same in every row (a system prompt) once for the whole batch, the rest once
         per distinct row. Only the columns from the first media on run with media and
         gradients. Batches are laid out ``[shared prefix][padding][rest]`` by
-        :func:`mm.data.collate` so that the shared part is column-aligned.
+        :func:`mm.data.collate` so that the shared part is column-aligned. With
+        :attr:`prefix_cache` set, prefixes seen in earlier batches are not run again.
 
         Returns (hidden states of columns ``start..t``, cache, start, encoded media).
         """
@@ -474,9 +475,7 @@ class MultimodalLM(nn.Module):
             for j, k in enumerate(todo):
                 fresh[k] = kv[j, shared:][valid[idx[j]]].clone()
                 pc.put(k, fresh[k])
-        rows = [fresh.get(k, pc.rows.get(k)) for k in keys]
-        if any(r is None for r in rows):
-            return None
+        rows = [fresh[k] if k in fresh else pc.rows[k] for k in keys]
         own = rows[0].new_zeros(b, p - shared, *rows[0].shape[1:])  # (b, w, L, 2, k, c)
         own[valid] = torch.cat(rows, 0)
         if shared:

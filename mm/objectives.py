@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from mm.config import RunConfig
-from mm.data import SampleStream, collate, load_source, make_sample
+from mm.data import SampleStream, collate, make_sample
 
 
 class LMObjective:
@@ -28,9 +28,7 @@ class LMObjective:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.modules = nn.ModuleDict()
         make = partial(make_sample, model=model, types=types, tokenizer=tokenizer, preprocess=cfg.data.preprocess)
-        sources = [(load_source(s, types), float(s.get("weight", 1.0))) for s in cfg.data.sources]
-        self.stream = SampleStream(sources, make=make, seed=cfg.seed, max_bad_fraction=cfg.data.max_bad_fraction,
-                                   cache_items=cfg.data.cache_items)
+        self.stream = SampleStream.from_config(cfg, types, make)
 
     def batch(self, step: int):
         return collate(self.stream.batch(step, self.cfg.optim.batch_size), types=self.types, pad_id=self.pad_id)
@@ -81,9 +79,7 @@ class ContrastiveObjective:
         self._token_memo: dict[str, torch.Tensor] = {}
         self.clip_loss = open_clip.ClipLoss()
         make = self._make
-        sources = [(load_source(s, types), float(s.get("weight", 1.0))) for s in cfg.data.sources]
-        self.stream = SampleStream(sources, make=make, seed=cfg.seed, max_bad_fraction=cfg.data.max_bad_fraction,
-                                   cache_items=cfg.data.cache_items)
+        self.stream = SampleStream.from_config(cfg, types, make)
 
     def _make(self, rec):
         from mm.data import BadSample, _paths

@@ -188,7 +188,7 @@ class BestRqObjective:
     }
 
     def __init__(self, cfg, model, types: dict, tokenizer=None):
-        from mm.data import SampleStream, load_source
+        from mm.data import SampleStream
 
         ex = dict(cfg.extra)
         self.cfg = cfg
@@ -200,9 +200,7 @@ class BestRqObjective:
         self.best_rq = best_rq(encoder=self.mod.encoder, seed=int(ex.get("quantizer_seed", 0)), **sizes)
         self.modules = nn.ModuleDict({"heads": self.best_rq.heads})
         self.preprocess = cfg.data.preprocess.get(self.name, {})
-        sources = [(load_source(s, types), float(s.get("weight", 1.0))) for s in cfg.data.sources]
-        self.stream = SampleStream(sources, make=self._make, seed=cfg.seed, max_bad_fraction=cfg.data.max_bad_fraction,
-                                   cache_items=cfg.data.cache_items)
+        self.stream = SampleStream.from_config(cfg, types, self._make)
 
     def _make(self, rec: dict) -> dict:
         from mm.data import BadSample, _paths
@@ -259,7 +257,7 @@ class SpeechLMObjective:
     def __init__(self, cfg, model, types: dict, tokenizer):
         from functools import partial
 
-        from mm.data import SampleStream, load_source, make_sample
+        from mm.data import SampleStream, make_sample
 
         ex = cfg.extra
         self.cfg, self.model, self.types, self.tokenizer = cfg, model, types, tokenizer
@@ -282,9 +280,7 @@ class SpeechLMObjective:
             self.modules = nn.ModuleDict()
         self._make_sample = partial(make_sample, model=model, types=types, tokenizer=tokenizer,
                                     preprocess=cfg.data.preprocess)
-        sources = [(load_source(s, types), float(s.get("weight", 1.0))) for s in cfg.data.sources]
-        self.stream = SampleStream(sources, make=self._make, seed=cfg.seed, max_bad_fraction=cfg.data.max_bad_fraction,
-                                   cache_items=cfg.data.cache_items)
+        self.stream = SampleStream.from_config(cfg, types, self._make)
 
     def _make(self, rec: dict):
         sample = self._make_sample(rec)

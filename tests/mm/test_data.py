@@ -97,3 +97,29 @@ def test_sample_stream_cache_prepares_each_record_once_with_the_same_batches():
     # cached by (source, record): records 0 and 1 are in both sources, the others in one
     assert all(cached_calls.count(i) <= (2 if i < 2 else 1) for i in range(6))
     assert len(cached_calls) < len(plain_calls)
+
+
+def test_balanced_source_draws_each_question_answer_pair_equally():
+    from collections import Counter
+
+    from mm.data import SampleStream
+
+    # "no" is the common answer 9 times out of 10, as for easy-vqa's "is there a <color> shape?"
+    recs = [{"question": "is it red?", "text": "no" if i % 10 else "yes"} for i in range(1000)]
+    recs += [{"question": "what shape?", "text": "circle"}] * 500
+
+    def answers(balance):
+        s = SampleStream([(recs, 1.0, balance)], make=lambda r: (r["question"], r["text"]), seed=3,
+                         max_bad_fraction=0.1)
+        return Counter(x for k in range(200) for x in s.batch(k, 16))
+
+    plain, balanced = answers(None), answers(["question", "text"])
+    n = 200 * 16
+    assert plain[("is it red?", "yes")] < 0.1 * n and plain[("what shape?", "circle")] > 0.25 * n
+    for pair in [("is it red?", "yes"), ("is it red?", "no"), ("what shape?", "circle")]:
+        assert abs(balanced[pair] / n - 1 / 3) < 0.04  # three pairs, a third of the draws each
+    again = SampleStream([(recs, 1.0, ["question", "text"])], make=lambda r: (r["question"], r["text"]), seed=3,
+                         max_bad_fraction=0.1)
+    assert [again.batch(k, 16) for k in range(5)] == [
+        SampleStream([(recs, 1.0, ["question", "text"])], make=lambda r: (r["question"], r["text"]), seed=3,
+                     max_bad_fraction=0.1).batch(k, 16) for k in range(5)]  # deterministic per step
