@@ -23,19 +23,19 @@ def evaluate(model, types: dict, tokenizer, sources: list[dict], *, batch_size: 
     from mm.model import PrefixCache, shared_text_cache
 
     t0 = time.time()
-    out: dict = {}
     before = model.prefix_cache
     if prefix_cache:
         model.prefix_cache = shared_text_cache(model.llm, PrefixCache, prefix_cache)
     try:
-        _evaluate(out, model, types, tokenizer, sources, batch_size, preprocess, max_new_tokens, samples)
+        out = _evaluate(model, types, tokenizer, sources, batch_size, preprocess, max_new_tokens, samples)
     finally:
         model.prefix_cache = before
     out["seconds"] = round(time.time() - t0, 1)
     return out
 
 
-def _evaluate(out, model, types, tokenizer, sources, batch_size, preprocess, max_new_tokens, samples) -> None:
+def _evaluate(model, types, tokenizer, sources, batch_size, preprocess, max_new_tokens, samples) -> dict:
+    out: dict = {}
     for src in sources:
         recs = load_source(src, types)
         preds = answer_records(model, types, tokenizer, recs, batch_size=batch_size, preprocess=preprocess,
@@ -49,3 +49,4 @@ def _evaluate(out, model, types, tokenizer, sources, batch_size, preprocess, max
                          "bad": sum(p is None for _, p in pairs),
                          "samples": [{"question": r.get("question"), "reference": r["text"], "prediction": p,
                                       **{k: r[k] for k in r if k in types}} for r, p in pairs[:samples]]}
+    return out

@@ -111,8 +111,18 @@ class _RowCache:
         if key in self.rows or len(self.rows) < self.max_rows:
             self.rows[key] = value
 
+    def count(self, looked_up: int, missed: int) -> None:
+        self.hits += looked_up - missed
+        self.misses += missed
+
     def stats(self) -> dict:
         return {"rows": len(self.rows), "row_hits": self.hits, "row_misses": self.misses}
+
+
+def _row_keys(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[tuple]:
+    """Each row's tokens where the mask is set, as a tuple (a cache key)."""
+    return [tuple(i for i, k in zip(ids, keep) if k)
+            for ids, keep in zip(input_ids.tolist(), attention_mask.tolist())]
 
 
 class TrunkCache(_RowCache):
@@ -126,11 +136,6 @@ class TrunkCache(_RowCache):
     its tokens; its value is the hidden states of all of them (a batch uses those right of its
     first media column). New rows run the lower layers once, whole and without gradients.
     """
-
-    @staticmethod
-    def keys(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[tuple]:
-        return [tuple(i for i, k in zip(ids, keep) if k)
-                for ids, keep in zip(input_ids.tolist(), attention_mask.tolist())]
 
 
 class PrefixCache(_RowCache):
@@ -401,14 +406,17 @@ class MultimodalLM(nn.Module):
             h, cache = rest()
         return h, cache, p, encoded
 
+    def _text_kv(self, input_ids, attention_mask, positions, cache):
+        """Run text-only columns through the LLM into ``cache`` (no media, no adapter acts)."""
+        return self.hidden_states(input_ids, attention_mask=attention_mask, position_ids=positions,
+                                  cache=cache, use_cache=True, encoded=({}, {}))[1]
+
     def _prefix(self, input_ids, attention_mask, positions, p: int, shared: int, cache):
         """The KV cache of columns ``0..p`` (text only): the ``shared`` columns once, the rest
         once per distinct row."""
         b = input_ids.shape[0]
         if shared:
-            _, cache = self.hidden_states(input_ids[:1, :shared], attention_mask=attention_mask[:1, :shared],
-                                          position_ids=positions[:1, :shared], cache=cache,
-                                          use_cache=True, encoded=({}, {}))
+            cache = self._text_kv(input_ids[:1, :shared], attention_mask[:1, :shared], positions[:1, :shared], cache)
         if p > shared:
             rows = torch.cat([input_ids[:, shared:p], attention_mask[:, shared:p]], dim=1)
             uniq, inverse = torch.unique(rows, dim=0, return_inverse=True)
@@ -416,9 +424,7 @@ class MultimodalLM(nn.Module):
             full = torch.cat([attention_mask.new_ones(n, shared), uniq[:, w:]], dim=1)
             if shared and n > 1:
                 cache.batch_repeat_interleave(n)
-            _, cache = self.hidden_states(uniq[:, :w], attention_mask=full,
-                                          position_ids=(full.cumsum(-1) - 1).clamp(min=0)[:, shared:],
-                                          cache=cache, use_cache=True, encoded=({}, {}))
+            cache = self._text_kv(uniq[:, :w], full, (full.cumsum(-1) - 1).clamp(min=0)[:, shared:], cache)
             if n != b or not torch.equal(inverse, torch.arange(b, device=inverse.device)):
                 cache.reorder_cache(inverse)
         elif b > 1:
@@ -433,14 +439,10 @@ class MultimodalLM(nn.Module):
         head = tuple(input_ids[0, :shared].tolist())
         head_kv = None
         if shared:
-            if (head,) in pc.rows:
-                pc.hits += 1
-            else:
-                pc.misses += 1
-                _, c = self.hidden_states(input_ids[:1, :shared], attention_mask=attention_mask[:1, :shared],
-                                          position_ids=positions[:1, :shared], cache=self.new_cache(),
-                                          use_cache=True, encoded=({}, {}))
-                kv = _stack_kv(c)
+            pc.count(1, int((head,) not in pc.rows))
+            if (head,) not in pc.rows:
+                kv = _stack_kv(self._text_kv(input_ids[:1, :shared], attention_mask[:1, :shared],
+                                             positions[:1, :shared], self.new_cache()))
                 if kv is None:
                     return None
                 pc.put((head,), kv[0])
@@ -451,14 +453,12 @@ class MultimodalLM(nn.Module):
             own = head_kv[None].expand(b, *head_kv.shape)
             return self._cache_from_kv(own)
         valid = attention_mask[:, shared:p].bool()  # (b, w) the rows' own prefix tokens
-        keys = [(head, tuple(i for i, k in zip(ids, keep) if k))
-                for ids, keep in zip(input_ids[:, shared:p].tolist(), valid.tolist())]
-        todo = {}
+        keys = [(head, k) for k in _row_keys(input_ids[:, shared:p], valid)]
+        todo = {}  # each missing prefix once: key -> a row that has it
         for r, k in enumerate(keys):
             if k not in pc.rows and k not in todo:
                 todo[k] = r
-        pc.misses += len(todo)
-        pc.hits += b - len(todo)
+        pc.count(b, len(todo))
         fresh = {}
         if todo:
             idx = torch.tensor(list(todo.values()), device=input_ids.device)
@@ -466,10 +466,8 @@ class MultimodalLM(nn.Module):
             c = self.new_cache()
             if shared:
                 c = self._cache_from_kv(head_kv[None].expand(n, *head_kv.shape))
-            _, c = self.hidden_states(input_ids[idx, shared:p], attention_mask=attention_mask[idx, :p],
-                                      position_ids=positions[idx, shared:p], cache=c, use_cache=True,
-                                      encoded=({}, {}))
-            kv = _stack_kv(c)
+            kv = _stack_kv(self._text_kv(input_ids[idx, shared:p], attention_mask[idx, :p],
+                                         positions[idx, shared:p], c))
             if kv is None:
                 return None
             for j, k in enumerate(todo):
@@ -494,14 +492,14 @@ class MultimodalLM(nn.Module):
         """``rest()`` with layers ``0..lowest-1`` replaced by cached hidden states; rows not
         yet cached run those layers first (whole rows, without gradients) and are cached."""
         tc = self.trunk_cache
-        keys = [(lowest, k) for k in tc.keys(input_ids, attention_mask)]
+        keys = [(lowest, k) for k in _row_keys(input_ids, attention_mask)]
         counts = attention_mask[:, p:].sum(-1).tolist()  # each row's tokens from column p on
         miss = [i for i, k in enumerate(keys) if k not in tc.rows or len(tc.rows[k]) < counts[i]]
-        tc.misses += len(miss)
-        tc.hits += len(keys) - len(miss)
+        tc.count(len(keys), len(miss))
+        todo = list({keys[i]: i for i in reversed(miss)}.values())  # each missing row once
         fresh = {}
-        if miss:
-            for i, h in zip(miss, self._trunk(input_ids[miss], attention_mask[miss], lowest)):
+        if todo:
+            for i, h in zip(todo, self._trunk(input_ids[todo], attention_mask[todo], lowest)):
                 fresh[keys[i]] = h
                 tc.put(keys[i], h)
         valid = attention_mask[:, p:].bool()  # (b, t - p)

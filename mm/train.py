@@ -127,11 +127,14 @@ def load_checkpoint(out: Path, model, objective, opt, sched) -> int:
     return int(st["step"])
 
 
+TEXT_CACHES = ("trunk_cache", "prefix_cache")  # MultimodalLM attributes (mm.model.shared_text_cache)
+
+
 def release_text_caches(model, start: dict) -> dict:
     """Detach the (shared, per-LLM) trunk and prefix caches from the model and return what
     this run added to them, for the run summary."""
     stats = {}
-    for name in ("trunk_cache", "prefix_cache"):
+    for name in TEXT_CACHES:
         c = getattr(model, name, None)
         if c is not None:
             s, s0 = c.stats(), start.get(name, {})
@@ -172,7 +175,7 @@ def train(cfg: RunConfig, *, progress: bool = True, stop_after: int | None = Non
         from mm.model import PrefixCache, TrunkCache, shared_text_cache
         model.trunk_cache = shared_text_cache(model.llm, TrunkCache, cfg.trunk_cache) if cfg.trunk_cache else None
         model.prefix_cache = shared_text_cache(model.llm, PrefixCache, cfg.prefix_cache) if cfg.prefix_cache else None
-    cache_start = {name: c.stats() for name in ("trunk_cache", "prefix_cache")
+    cache_start = {name: c.stats() for name in TEXT_CACHES
                    if (c := getattr(model, name, None)) is not None}
     if d.enabled or cfg.distributed.fsdp_single_process:
         if d.world == 1 and not torch.distributed.is_initialized():
