@@ -28,8 +28,13 @@ class SwiGLU(nn.Module):
         self.up_proj = nn.Linear(dim, hidden, bias=False)
         self.down_proj = nn.Linear(hidden, dim, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x: torch.Tensor, linear=None) -> torch.Tensor:
+        lin = linear or _call
+        return lin(self.down_proj, F.silu(lin(self.gate_proj, x)) * lin(self.up_proj, x))
+
+
+def _call(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return module(x)
 
 
 class GatedCrossAttention(nn.Module):
@@ -77,13 +82,15 @@ class GatedCrossAttention(nn.Module):
         return self.k_norm(k), v  # (b, k, m, c) x2
 
     def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor],
-                mask: torch.Tensor) -> torch.Tensor:
+                mask: torch.Tensor, linear=None) -> torch.Tensor:
         """Args:
             x: (b, t, d) LLM token states.
             kv: output of :meth:`project_kv`.
             mask: (b, t, m) bool, True where text position t may see media token m; or
                 (b, t, 1) bool when a position sees either all media tokens or none (then no
                 key mask is needed and attention runs unmasked, as fast as it can).
+            linear: ``linear(module, x)`` runs each projection (default ``module(x)``); the
+                CPU decoder passes its faster product order for a few rows.
         Returns:
             (b, t, d) updated token states.
         """
@@ -98,12 +105,13 @@ class GatedCrossAttention(nn.Module):
             attn_mask = (mask | ~has_media[..., None])[:, None]  # (b, 1, t, m)
             row = has_media[..., None].to(x.dtype)  # (b, t, 1)
 
-        q = self.q_proj(self.attn_norm(x)).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        lin = linear or _call
+        q = lin(self.q_proj, self.attn_norm(x)).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
         q = self.q_norm(q)  # (b, h, t, c)
         a = self.attend(q, k, v, attn_mask)  # (b, t, h * c)
-        a = self.o_proj(a)  # (b, t, d)
+        a = lin(self.o_proj, a)  # (b, t, d)
         x = x + self.attn_gate.tanh() * a * row
-        x = x + self.mlp_gate.tanh() * self.mlp(self.mlp_norm(x)) * row
+        x = x + self.mlp_gate.tanh() * self.mlp(self.mlp_norm(x), linear) * row
         return x
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
