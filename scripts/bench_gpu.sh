@@ -7,6 +7,8 @@
 #      (frozen-encoder mode first; the JSON is rewritten after every part, so a run cut short
 #      by the timeout still leaves every number measured so far).
 # Results go to $OUT (default ./bench_out): gpu.txt, gpu_tests.txt, bench.txt, bench.log, bench.json.
+# The interpreter is $PYTHON, else `python`, else `python3` (device images may have only python3).
+# Packages the device image lacks travel as wheels: see docs/PERFORMANCE_LOG.md, "GPU run".
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/bench_out}
@@ -14,23 +16,24 @@ mkdir -p "$OUT"
 export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 export TOKENIZERS_PARALLELISM=false
 start=$(date +%s)
+PY=${PYTHON:-$(command -v python || command -v python3)}
 
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-  python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+  timeout -k 5 60 "$PY" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 } 2>&1 | tee "$OUT/gpu.txt"
 
-timeout -k 5 60 python -m pytest -q -m gpu tests/mm/test_bench.py -p no:cacheprovider 2>&1 | tail -15 \
+timeout -k 5 60 "$PY" -m pytest -q -m gpu tests/mm/test_bench.py -p no:cacheprovider 2>&1 | tail -15 \
   | tee "$OUT/gpu_tests.txt"
 
 left=$(( 210 - ($(date +%s) - start) ))
 MM_BENCH_COMPILE=${MM_BENCH_COMPILE:-1} MM_BENCH_DEADLINE=${MM_BENCH_DEADLINE:-100} \
-  timeout -k 5 "$left" python -m mm.cli bench --shapes 1b-xattn --json "$OUT/bench.json" \
+  timeout -k 5 "$left" "$PY" -m mm.cli bench --shapes 1b-xattn --json "$OUT/bench.json" \
   2> "$OUT/bench.log" | tee "$OUT/bench.txt"
 rc=${PIPESTATUS[0]}
 if [ "$rc" -ne 0 ]; then
   echo "bench exit status $rc (124: cut by the timeout; bench.json holds the parts measured)" | tee -a "$OUT/bench.txt"
   tail -25 "$OUT/bench.log"
-  [ -s "$OUT/bench.json" ] && python -c "import json, sys; from mm.bench import format_table; \
+  [ -s "$OUT/bench.json" ] && "$PY" -c "import json, sys; from mm.bench import format_table; \
 print(format_table(json.load(open(sys.argv[1]))))" "$OUT/bench.json" | tee -a "$OUT/bench.txt"
 fi
 echo "total $(( $(date +%s) - start )) s" | tee -a "$OUT/bench.txt"
