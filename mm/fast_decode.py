@@ -340,9 +340,6 @@ def _fast_generate(model, input_ids, attention_mask, *, media, max_new_tokens, e
     if unsupported(model, length) is not None:
         return None
     h, cache, _, encoded = model.run(input_ids, attention_mask, media=media, use_cache=True)
-    first = model.logits(h[:, -1]).argmax(-1)
-    if eos and all(int(x) in eos for x in first):
-        return model._finish(first[:, None], eos)
     cross = encoded[0]
     graph = input_ids.is_cuda if graph is None else graph
     sig = _media_signature(cross)
@@ -357,6 +354,9 @@ def _fast_generate(model, input_ids, attention_mask, *, media, max_new_tokens, e
                             dtype=h.dtype, device=h.device, graph=graph)
         per_model[key] = dec
     dec.packed = packed_weights(model) if dec.cpu and b == 1 else None
+    first = dec._next_token(h[:, -1])  # the first token through the decoder's product order too
+    if eos and all(int(x) in eos for x in first):
+        return model._finish(first[:, None], eos)
     dec.load(cache, attention_mask, cross, first)
     made = dec.decode(eos)
     ids = dec.out[:, :made].clone()
