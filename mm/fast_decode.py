@@ -75,8 +75,8 @@ def _cache_kv(cache, i: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class PackedWeights:
-    """Decode-time copies of the frozen LLM's projections for one row on a CPU: laid out
-    (in, out), q/k/v and gate/up concatenated.
+    """Decode-time copies of the frozen LLM's widening projections for one row on a CPU:
+    q/k/v and gate/up concatenated, and the LM head, laid out (in, out).
 
     Why: a decoding step multiplies a few rows by every weight matrix, so on a CPU it is
     bound by how fast the weights stream from memory, and how fast they stream depends on
@@ -86,17 +86,18 @@ class PackedWeights:
     four rows ``x @ W.T`` 7.3-7.9 ms, ``(W @ x.T).T`` 2.4 ms (and ``x @ W_in_out`` 5.9 ms).
     So one row uses these copies (a whole decoding step 15.8 -> 11.3 ms at the bench's CPU
     shapes) and several rows use ``(W @ x.T).T`` on the LLM's own weights, which needs no copy
-    (23.7 -> 13.4 ms a step at four rows). The copies cost a second copy of the LLM's
-    projection weights and head in memory, built on the first one-row call; the LLM is
-    frozen, so they cannot go stale, and they are rebuilt if its weights are replaced.
+    (23.7 -> 13.4 ms a step at four rows). The narrowing projections (o, down: out <= in) run
+    as fast or faster in nn.Linear's order, so they are not copied. The copies (about two
+    thirds of the layers' weights, and the head) are built on the first one-row call; the
+    LLM is frozen, so they cannot go stale, and they are rebuilt if its weights are replaced.
     """
 
     def __init__(self, model):
         self.layers = []
         for layer in model.layers:
             at, mlp = layer.self_attn, layer.mlp
-            self.layers.append({"qkv": _in_out(at.q_proj, at.k_proj, at.v_proj), "o": _in_out(at.o_proj),
-                                "gate_up": _in_out(mlp.gate_proj, mlp.up_proj), "down": _in_out(mlp.down_proj)})
+            self.layers.append({"qkv": _in_out(at.q_proj, at.k_proj, at.v_proj),
+                                "gate_up": _in_out(mlp.gate_proj, mlp.up_proj)})
         self.head = _in_out(model.llm.get_output_embeddings())
 
 
@@ -207,8 +208,6 @@ class StaticDecoder:
         self.v[i].index_copy_(2, self.col, v)
         qg = q.reshape(b, kh, h // kh, c)  # query heads of a group as query rows
         a = F.scaled_dot_product_attention(qg, self.k[i], self.v[i], attn_mask=self.bias, scale=at.scaling)
-        if self._fused():
-            return _packed_mm(a.reshape(b, h * c), self.packed.layers[i]["o"]).view(b, 1, -1)
         return self._linear(at.o_proj, a.reshape(b, 1, h * c))
 
     def _mlp(self, i: int, layer, x: torch.Tensor) -> torch.Tensor:
@@ -217,7 +216,7 @@ class StaticDecoder:
             w = self.packed.layers[i]
             gu = _packed_mm(x.view(self.b, -1), w["gate_up"])  # (b, 2f)
             g, u = gu.split(gu.shape[-1] // 2, dim=-1)
-            return _packed_mm(mlp.act_fn(g) * u, w["down"]).view(self.b, 1, -1)
+            return mlp.down_proj(mlp.act_fn(g) * u).view(self.b, 1, -1)
         if not self.cpu:
             return mlp(x)
         return self._linear(mlp.down_proj, mlp.act_fn(self._linear(mlp.gate_proj, x)) * self._linear(mlp.up_proj, x))
