@@ -80,7 +80,7 @@ class Shapes:
 
 SHAPES = {
     "cpu": Shapes(name="cpu", d=256, layers=8, heads=8, kv_heads=2, ffn=1024, vocab=32000, xattn=[3, 7],
-                  threads=2, gen_reps=3),
+                  threads=2, gen_reps=7),
     "1b-xattn": Shapes(name="1b-xattn", d=2048, layers=16, heads=32, kv_heads=8, ffn=8192, vocab=128256,
                        xattn=[3, 7, 11, 15], image_size=560, patch=14, vit_width=1280, vit_layers=32,
                        vit_head_width=80, vit_mlp_ratio=4.0, vit_indices=[3, 7, 15, 23, 30], gated_layers=8,
