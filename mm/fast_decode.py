@@ -217,8 +217,6 @@ class StaticDecoder:
             gu = _packed_mm(x.view(self.b, -1), w["gate_up"])  # (b, 2f)
             g, u = gu.split(gu.shape[-1] // 2, dim=-1)
             return mlp.down_proj(mlp.act_fn(g) * u).view(self.b, 1, -1)
-        if not self.cpu:
-            return mlp(x)
         return self._linear(mlp.down_proj, mlp.act_fn(self._linear(mlp.gate_proj, x)) * self._linear(mlp.up_proj, x))
 
     def _next_token(self, x: torch.Tensor) -> torch.Tensor:
