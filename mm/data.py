@@ -79,6 +79,29 @@ def load_source(src: dict, types: dict) -> list[dict]:
     kind = src.pop("type", None)
     src.pop("weight", None)
     src.pop("balance", None)  # sampling options, read by SampleStream
+    place = src.pop("media", "after")
+    if place not in ("before", "after"):
+        raise DataError(f"data source {kind}: media must be before or after (the question), not {place!r}")
+    recs = _load_source(kind, src, types)
+    if place == "before":  # the media markers first, so every question token sees the media
+        if not isinstance(recs, list):
+            raise DataError(f"data source {kind}: media: before needs an in-memory source (not streamed shards)")
+        recs = [_media_first(r, types) for r in recs]
+    return recs
+
+
+def _media_first(rec: dict, types: dict) -> dict:
+    question = rec.get("question", rec.get("prompt"))
+    if not isinstance(question, str) or "<|mm:" in question:
+        return rec
+    names = [n for n in types if rec.get(n) is not None]
+    items = sum(len(rec[n]) if isinstance(rec[n], list) else 1 for n in names)
+    if not names or items != len(names):
+        return rec  # several items of one modality: the default placement
+    return {**rec, "question": "".join(mark(n) for n in names) + question}
+
+
+def _load_source(kind, src: dict, types: dict) -> list[dict]:
     if kind == "manifest":
         return read_manifest(src["path"])
     if kind == "folder":

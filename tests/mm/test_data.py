@@ -123,3 +123,32 @@ def test_balanced_source_draws_each_question_answer_pair_equally():
     assert [again.batch(k, 16) for k in range(5)] == [
         SampleStream([(recs, 1.0, ["question", "text"])], make=lambda r: (r["question"], r["text"]), seed=3,
                      max_bad_fraction=0.1).batch(k, 16) for k in range(5)]  # deterministic per step
+
+
+def test_source_media_before_the_question_and_answer_filter():
+    from mm.data import load_source
+    from mm.prompts import mark
+    from mm.runs import modality_types
+    from mm.config import ModelConfig
+
+    types = modality_types(ModelConfig(llm="smollm2", modalities={"image": {}}))
+    src = {"type": "easy-vqa", "split": "val", "task": "vqa", "answers": ["yes", "no"], "limit": 40}
+    after = load_source(src, types)
+    before = load_source({**src, "media": "before"}, types)
+    assert after and {r["text"] for r in after} == {"yes", "no"}
+    assert [r["question"] for r in before] == [mark("image") + r["question"] for r in after]
+    assert "<|mm:" not in after[0]["question"]
+    with pytest.raises(DataError, match="media must be before or after"):
+        load_source({**src, "media": "middle"}, types)
+
+
+def test_easy_vqa_fit_and_val_split_train_by_image():
+    from mm.sources.easy_vqa import records
+
+    fit, val, train = (records(s, task="vqa") for s in ("fit", "val", "train"))
+    fit_img, val_img = {r["image"] for r in fit}, {r["image"] for r in val}
+    assert not fit_img & val_img
+    assert fit_img | val_img == {r["image"] for r in train} and len(fit) + len(val) == len(train)
+    assert 0.08 < len(val_img) / len(fit_img | val_img) < 0.12
+    with pytest.raises(ValueError, match="split must be one of"):
+        records("dev")
