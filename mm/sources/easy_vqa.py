@@ -50,7 +50,8 @@ def records(split: str = "train", *, task: str = "caption", prompt: str = "Descr
     else:
         raise ValueError(f"easy-vqa: task must be caption or vqa, not {task!r}")
     if answers is not None:
-        out = [r for r in out if r["text"] in set(answers)]
+        keep = {answers} if isinstance(answers, str) else set(answers)  # "answers: yes" is one answer
+        out = [r for r in out if r["text"] in keep]
     if limit and limit < len(out):
         import random
         out = random.Random(seed).sample(out, limit)
