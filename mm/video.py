@@ -20,11 +20,11 @@ STAGE = "video_adapter"
 
 
 def demo_config(out_dir: Path, *, image_run: Path, llm_spec: str = "smollm2", fast: bool = False,
-                init: str = "fresh", overrides: list[str] = ()):
+                init: str = "image", overrides: list[str] = ()):
     """The demo's video stage config (configs/demo/video_adapter.yaml) pointed at ``out_dir``.
 
-    ``init``: ``fresh`` (Llama 3) or ``image`` (video blocks start as copies of the image
-    blocks at the same layers, gates still zero).
+    ``init``: ``image`` (video blocks start as copies of the image blocks at the same layers,
+    gates still zero; the config's default) or ``fresh`` (new blocks).
     """
     from mm.config import load_config
     from mm.demo import configs_dir
@@ -38,7 +38,10 @@ def demo_config(out_dir: Path, *, image_run: Path, llm_spec: str = "smollm2", fa
     shrink = {"n": 16} if fast else {}
     cfg.data.sources = [dict(s, root=data, **shrink) for s in cfg.data.sources]
     cfg.eval.sources = [dict(s, root=data, **({"n": 8} if fast else {})) for s in cfg.eval.sources]
-    if init == "image":
+    fresh = {k: v for k, v in cfg.init_copy.items() if not k.startswith("video.xattn.")}
+    if init == "fresh":
+        cfg.init_copy = fresh
+    elif init == "image":  # the copies for this LLM's layers (the config names SmolLM2's)
         from mm.modalities.video import video_xattn_layers
         from mm.modalities.base import llm_shape
         from mm.runs import get_llm
@@ -46,8 +49,8 @@ def demo_config(out_dir: Path, *, image_run: Path, llm_spec: str = "smollm2", fa
         spec = cfg.model.modalities["video"].get("adapter", {})
         n_layers = llm_shape(get_llm(cfg.model).model.config).n_layers
         layers = video_xattn_layers(n_layers, **{k: spec[k] for k in ("image_layers", "every_image", "layers") if k in spec})
-        cfg.init_copy = {**cfg.init_copy, **image_adapter_copy(layers)}
-    elif init != "fresh":
+        cfg.init_copy = {**fresh, **image_adapter_copy(layers)}
+    else:
         raise ValueError(f"video demo: init must be fresh or image, not {init!r}")
     return cfg
 
@@ -77,7 +80,7 @@ def caption_scores(records: list[dict], preds: list[str | None]) -> dict:
 
 
 def run_video_demo(out_dir: Path, *, image_run: Path, llm_spec: str = "smollm2", fast: bool = False,
-                   init: str = "fresh", eval_batch_size: int = 64) -> dict:
+                   init: str = "image", eval_batch_size: int = 64) -> dict:
     """Write clips, train ``video_adapter`` from ``image_run``, evaluate held-out captions with
     all frames and with the middle frame only. Returns ``video.*`` metrics."""
     from mm.data import load_source

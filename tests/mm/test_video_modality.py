@@ -249,7 +249,8 @@ def _video_cfg(out, tiny_llm_dir, image_run, data, extra=()):
         "model.modalities.video.adapter={image_layers: {every: 2}, every_image: 2}",
         "model.modalities.video.max_frames=8", "model.modalities.video.aggregator.frames_per_group=4",
         "data.preprocess.video.max_frames=8", "optim.steps=3", "optim.batch_size=3", "optim.warmup_steps=1",
-        "checkpoint_every=100", "log_every=1", *extra])
+        "checkpoint_every=100", "log_every=1", "init_copy={video.encoder.image_encoder.image: image.encoder}",
+        *extra])
     cfg.data.sources = [{"type": "manifest", "path": str(data)}]
     return cfg
 
