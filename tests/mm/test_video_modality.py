@@ -351,3 +351,29 @@ def test_models_sharing_one_llm_use_their_own_adapters():
     open_gates(alone)
     media = {"video": video_media(2), "image": image_media(2)}
     assert torch.equal(second(ids, media=media), alone(ids, media=media))
+
+
+def test_space_time_pool_tokens_follow_frames_and_masks():
+    from encoders.video import video_aggregator
+    from mm.modalities.video import SpaceTimeResampler
+
+    torch.manual_seed(0)
+    agg = SpaceTimeResampler(video_aggregator(dim=16, num_latents=3, frames_per_group=4, depth=1, num_heads=2),
+                             tokens_per_frame=5, dim=16, pool_tokens=2)
+    x = torch.randn(2, 6, 5, 16)  # 6 frames -> 2 groups of 4 (the second padded)
+    fm = torch.ones(2, 6, dtype=torch.bool)
+    fm[1, 4:] = False  # row 1: the second group has no valid frame
+    tokens, mask = agg(x, fm)
+    assert tokens.shape == (2, 2 * (3 + 2), 16) and mask.shape == (2, 10)
+    assert mask[0].all() and mask[1, :5].all() and not mask[1, 5:].any()
+    assert torch.equal(tokens[1, 5:], torch.zeros(5, 16))
+    pooled = lambda t: t.view(2, 2, 5, 16)[:, :, 3:]  # noqa: E731 - the P pooled tokens of each group
+    y = x.clone()
+    y[1, 4:] = 100.0  # what a masked frame holds changes nothing
+    assert torch.equal(pooled(agg(y, fm)[0]), pooled(tokens))
+    one = x[:1, :4]  # one full group; the same frames in the other order pool differently
+    assert not torch.allclose(agg(one)[0][0, 3:], agg(one.flip(1))[0][0, 3:], atol=1e-3)
+    # at pool_tokens=0 it is the plain resampler's output, as before
+    plain = SpaceTimeResampler(agg.resampler, tokens_per_frame=5, dim=16)
+    plain.token_pos = agg.token_pos
+    assert torch.equal(plain(x, fm)[0], tokens.view(2, 2, 5, 16)[:, :, :3].reshape(2, 6, 16))
