@@ -439,8 +439,9 @@ class MultimodalLM(nn.Module):
         head = tuple(input_ids[0, :shared].tolist())
         head_kv = None
         if shared:
-            pc.count(1, int((head,) not in pc.rows))
-            if (head,) not in pc.rows:
+            missing = (head,) not in pc.rows
+            pc.count(1, int(missing))
+            if missing:
                 kv = _stack_kv(self._text_kv(input_ids[:1, :shared], attention_mask[:1, :shared],
                                              positions[:1, :shared], self.new_cache()))
                 if kv is None:

@@ -127,16 +127,14 @@ class SpaceTimeResampler(nn.Module):
         if not self.pool_tokens:
             return tokens, mask
         b, f, n, e = x.shape
-        K, P = self.frames_per_group, self.pool_tokens
-        g = tokens.shape[1] // self.resampler.num_latents
-        fm = torch.ones(b, f, dtype=torch.bool, device=x.device) if frame_mask is None else frame_mask.to(torch.bool)
-        x = x.masked_fill(~fm[:, :, None, None], 0.0)
+        K, P, m = self.frames_per_group, self.pool_tokens, self.resampler.num_latents
+        g = tokens.shape[1] // m
+        group_mask = mask.view(b, g, m)[:, :, 0]  # (b, g): the resampler's, a group with a valid frame
+        if frame_mask is not None:
+            x = x.masked_fill(~frame_mask.to(torch.bool)[:, :, None, None], 0.0)
         x = F.pad(x, (0, 0, 0, 0, 0, g * K - f)).view(b, g, K, n, e)  # (b, g, K, n, e)
         pooled = torch.einsum("bgkne,pkn->bgpe", x, self.pool[:, :, :n].to(x.dtype))  # (b, g, P, e)
-        pooled = self.pool_norm(self.pool_proj(pooled))
-        group_mask = F.pad(fm, (0, g * K - f)).view(b, g, K).any(-1)  # (b, g)
-        pooled = pooled * group_mask[:, :, None, None].to(pooled.dtype)
-        m = self.resampler.num_latents
+        pooled = self.pool_norm(self.pool_proj(pooled)) * group_mask[:, :, None, None].to(x.dtype)
         tokens = torch.cat([tokens.view(b, g, m, e), pooled], dim=2).reshape(b, g * (m + P), e)
         mask = torch.cat([mask.view(b, g, m), group_mask[:, :, None].expand(b, g, P)], dim=2).reshape(b, -1)
         return tokens, mask
