@@ -34,17 +34,21 @@ __all__ = [
     "write_mp4",
 ]
 
-SHAPES = ("circle", "square", "triangle")
+# The shapes and colours of easy-vqa (its RGB values), on a light background as there: the demo's
+# video path reuses the image encoder trained on easy-vqa, which has never seen other ones.
+SHAPES = ("circle", "rectangle", "triangle")
 COLOURS = {
-    "red": (220, 40, 40),
-    "green": (40, 190, 60),
-    "blue": (50, 90, 235),
-    "yellow": (235, 215, 40),
-    "purple": (160, 60, 210),
-    "white": (235, 235, 235),
+    "red": (255, 0, 0),
+    "green": (0, 255, 0),
+    "blue": (0, 0, 255),
+    "black": (0, 0, 0),
+    "gray": (128, 128, 128),
+    "teal": (0, 128, 128),
+    "brown": (165, 42, 42),
+    "yellow": (255, 255, 0),
 }
 DIRECTIONS = {"left": (0, -1), "right": (0, 1), "up": (-1, 0), "down": (1, 0)}  # (dy, dx)
-BACKGROUND = (25, 25, 25)
+BACKGROUND = (240, 240, 240)
 TASKS = ("motion", "order")
 
 
@@ -74,18 +78,26 @@ def write_mp4(
 
 
 def _shape_mask(
-    shape: str, yy: np.ndarray, xx: np.ndarray, cy: float, cx: float, r: float
+    shape: str, yy: np.ndarray, xx: np.ndarray, cy: float, cx: float, r: float, aspect: float = 1.0
 ) -> np.ndarray:
-    """Boolean (S, S) mask of a shape of half-size r centred at (cy, cx)."""
+    """Boolean (S, S) mask of a shape of half-size r centred at (cy, cx); a rectangle's
+    height / width is ``aspect`` (its long side is 1.7 r, so it stays within r of the centre)."""
     dy, dx = yy - cy, xx - cx
     if shape == "circle":
         return dy * dy + dx * dx <= r * r
-    if shape == "square":
-        return (np.abs(dy) <= 0.85 * r) & (np.abs(dx) <= 0.85 * r)
+    if shape == "rectangle":
+        short, long_ = 0.85 * r * min(aspect, 1 / aspect), 0.85 * r
+        hy, hx = (long_, short) if aspect >= 1 else (short, long_)
+        return (np.abs(dy) <= hy) & (np.abs(dx) <= hx)
     if shape == "triangle":  # apex up, base at 0.8 r below the centre
         depth = (dy + r) / (1.8 * r)  # 0 at the apex, 1 at the base
         return (depth >= 0) & (depth <= 1) & (np.abs(dx) <= depth * 1.1 * r)
     raise ValueError(f"unknown shape {shape!r}; choose from {SHAPES}")
+
+
+def _aspect(rng: np.random.Generator) -> float:
+    """A rectangle's height / width, 0.5 to 2 (drawn for every shape, used by rectangles)."""
+    return float(np.exp(rng.uniform(np.log(0.5), np.log(2.0))))
 
 
 def _blank(num_frames: int, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -102,7 +114,8 @@ def motion_clip(
     shape = SHAPES[rng.integers(len(SHAPES))]
     colour = list(COLOURS)[rng.integers(len(COLOURS))]
     direction = list(DIRECTIONS)[rng.integers(len(DIRECTIONS))]
-    r = rng.uniform(0.10, 0.14) * size
+    r = rng.uniform(0.12, 0.16) * size
+    aspect = _aspect(rng)
     travel = 0.4 * size  # distance covered over the clip
     mid = num_frames // 2
     # Frame t sits at anchor + travel * (t - mid) / (f - 1) along the direction. The anchor
@@ -114,7 +127,7 @@ def motion_clip(
     frames, yy, xx = _blank(num_frames, size)
     for t in range(num_frames):
         step = travel * (t - mid) / (num_frames - 1)
-        frames[t][_shape_mask(shape, yy, xx, cy + dy * step, cx + dx * step, r)] = COLOURS[colour]
+        frames[t][_shape_mask(shape, yy, xx, cy + dy * step, cx + dx * step, r, aspect)] = COLOURS[colour]
     texts = {
         "text": f"a {colour} {shape} moves {direction}",
         "question": "which way does the shape move?",
@@ -130,6 +143,7 @@ def order_clip(
     first, second = (SHAPES[i] for i in rng.permutation(len(SHAPES))[:2])
     colour_a, colour_b = (list(COLOURS)[i] for i in rng.permutation(len(COLOURS))[:2])
     r = rng.uniform(0.12, 0.16) * size
+    aspects = _aspect(rng), _aspect(rng)
     while True:  # two non-overlapping places
         centres = rng.uniform(r + 1, size - r - 1, size=(2, 2))
         if np.hypot(*(centres[0] - centres[1])) > 2.2 * r:
@@ -138,11 +152,11 @@ def order_clip(
     t_first = int(rng.integers(0, max(1, mid // 3)))
     t_second = int(rng.integers(t_first + 2, mid)) if mid > t_first + 2 else min(t_first + 1, mid)
     frames, yy, xx = _blank(num_frames, size)
-    for shape, colour, (cy, cx), start in (
-        (first, colour_a, centres[0], t_first),
-        (second, colour_b, centres[1], t_second),
+    for shape, colour, (cy, cx), start, aspect in (
+        (first, colour_a, centres[0], t_first, aspects[0]),
+        (second, colour_b, centres[1], t_second, aspects[1]),
     ):
-        frames[start:, _shape_mask(shape, yy, xx, cy, cx, r)] = COLOURS[colour]
+        frames[start:, _shape_mask(shape, yy, xx, cy, cx, r, aspect)] = COLOURS[colour]
     texts = {
         "text": f"a {colour_a} {first} appears, then a {colour_b} {second} appears",
         "question": "which shape appears first?",
