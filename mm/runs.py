@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 import torch
@@ -70,6 +71,24 @@ def save_model(model: MultimodalLM, llm: FrozenLLM, cfg: RunConfig, out: Path, s
                        for n, s in cfg.model.modalities.items()}}, indent=2))
 
 
+def _copied(tensors: dict, dst: str, src: str, own: dict) -> dict:
+    """The tensors under prefix ``src``, renamed to prefix ``dst``. A ``*`` in both stands for
+    a layer index: ``video.xattn.*.q_proj: image.xattn.*.q_proj`` copies each image block's
+    q_proj to the video block at the same layer, for the layers this model has (so a config
+    need not name an LLM's layers)."""
+    if "*" not in src and "*" not in dst:
+        return {dst + k[len(src):]: v for k, v in tensors.items() if k.startswith(src + ".")}
+    if src.count("*") != 1 or dst.count("*") != 1:
+        raise CheckpointError(f"init_copy {dst!r}: {src!r}: '*' (a layer index) must appear once in each")
+    pattern = re.compile(re.escape(src).replace(r"\*", r"(\d+)") + r"(\..+)")
+    out = {}
+    for k, v in tensors.items():
+        m = pattern.fullmatch(k)
+        if m and dst.replace("*", m.group(1)) + m.group(2) in own:
+            out[dst.replace("*", m.group(1)) + m.group(2)] = v
+    return out
+
+
 def load_weights(model: MultimodalLM, run_dir: Path, *, strict: bool = True,
                  copy: dict[str, str] | None = None) -> list[str]:
     """Load ``run_dir/model/modalities.safetensors`` into the model. Returns missing keys
@@ -79,12 +98,13 @@ def load_weights(model: MultimodalLM, run_dir: Path, *, strict: bool = True,
     if not path.exists():
         raise CheckpointError(f"{path}: no saved model in {run_dir} (did that run finish?)")
     tensors, _ = load_tensors(path)
-    for dst, src in (copy or {}).items():
-        found = {dst + k[len(src):]: v for k, v in tensors.items() if k.startswith(src + ".")}
-        if not found:
-            raise CheckpointError(f"{path}: init_copy source {src!r} has no tensors")
-        tensors.update(found)
     own = model.modalities.state_dict()
+    for dst, src in (copy or {}).items():
+        found = _copied(tensors, dst, src, own)
+        if not found:
+            raise CheckpointError(f"{path}: init_copy source {src!r} has no tensors"
+                                  + (f" for a {dst!r} of this model" if "*" in src else ""))
+        tensors.update(found)
     unknown = [k for k in tensors if k not in own]
     shape = [k for k in tensors if k in own and own[k].shape != tensors[k].shape]
     if shape:

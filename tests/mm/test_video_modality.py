@@ -296,14 +296,19 @@ def test_video_stage_trains_only_video_parts_and_skips_bad_clips(image_run, vide
     assert set(model.modalities) == {"image", "video"}
 
 
-def test_init_from_image_adapter(tmp_path, tiny_llm_dir, image_run, video_data):
+@pytest.mark.parametrize("form", ["layers", "wildcard"])
+def test_init_from_image_adapter(tmp_path, tiny_llm_dir, image_run, video_data, form):
     from mm.checkpoint import load_tensors
     from mm.runs import build_model, load_weights
 
     image = image_run
     cfg = _video_cfg(tmp_path / "v2", tiny_llm_dir, image, video_data)
     layers = [int(i) for i in build_model(cfg.model)[0].modalities["video"].xattn]
-    cfg.init_copy = {**cfg.init_copy, **image_adapter_copy(layers)}
+    if form == "layers":
+        cfg.init_copy = {**cfg.init_copy, **image_adapter_copy(layers)}
+    else:  # as configs/demo/video_adapter.yaml says it, without naming the LLM's layers
+        subs = ("attn_norm", "q_proj", "k_proj", "v_proj", "q_norm", "k_norm", "o_proj", "mlp_norm", "mlp")
+        cfg.init_copy = {**cfg.init_copy, **{f"video.xattn.*.{x}": f"image.xattn.*.{x}" for x in subs}}
     model, _, _ = build_model(cfg.model)
     load_weights(model, image, strict=False, copy=cfg.init_copy)
     img, _ = load_tensors(image / "model" / "modalities.safetensors")
@@ -317,6 +322,17 @@ def test_init_from_image_adapter(tmp_path, tiny_llm_dir, image_run, video_data):
                 else:
                     assert torch.equal(got, v), k
 
+
+
+def test_init_copy_wildcard_errors(tmp_path, tiny_llm_dir, image_run, video_data):
+    from mm.checkpoint import CheckpointError
+    from mm.runs import build_model, load_weights
+
+    model, _, _ = build_model(_video_cfg(tmp_path / "v3", tiny_llm_dir, image_run, video_data).model)
+    with pytest.raises(CheckpointError, match="has no tensors for a 'video.xattn.\\*.nope'"):
+        load_weights(model, image_run, strict=False, copy={"video.xattn.*.nope": "image.xattn.*.nope"})
+    with pytest.raises(CheckpointError, match="must appear once in each"):
+        load_weights(model, image_run, strict=False, copy={"video.xattn.*.mlp": "image.xattn.15.mlp"})
 
 def test_llama3_scale_configs_instantiate():
     from mm.config import load_config
