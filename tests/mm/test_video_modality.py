@@ -323,7 +323,6 @@ def test_init_from_image_adapter(tmp_path, tiny_llm_dir, image_run, video_data, 
                     assert torch.equal(got, v), k
 
 
-
 def test_init_copy_wildcard_errors(tmp_path, tiny_llm_dir, image_run, video_data):
     from mm.checkpoint import CheckpointError
     from mm.runs import build_model, load_weights
