@@ -84,8 +84,9 @@ def _copied(tensors: dict, dst: str, src: str, own: dict) -> dict:
     out = {}
     for k, v in tensors.items():
         m = pattern.fullmatch(k)
-        if m and dst.replace("*", m.group(1)) + m.group(2) in own:
-            out[dst.replace("*", m.group(1)) + m.group(2)] = v
+        name = m and dst.replace("*", m.group(1)) + m.group(2)
+        if name in own:
+            out[name] = v
     return out
 
 

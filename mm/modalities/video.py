@@ -31,7 +31,7 @@ from mm.modalities.base import LLMShape, ModalityType, cross_attention_modality,
 from mm.modality import Modality
 
 __all__ = ["VIDEO", "FrameEncoder", "TiledVideoEncoder", "SpaceTimeResampler", "build", "read", "preprocess", "video_xattn_layers",
-           "image_adapter_copy", "moving_shapes_records", "SUFFIXES"]
+           "image_adapter_copy", "XATTN_PARTS", "moving_shapes_records", "SUFFIXES"]
 
 SUFFIXES = (".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg", ".ts", ".flv", ".wmv", ".3gp")
 DEFAULT_MAX_FRAMES = 64  # Llama 3: up to 64 frames sampled uniformly
@@ -153,13 +153,16 @@ def video_xattn_layers(n_layers: int, *, image_layers: list[int] | dict | None =
     return img[every_image - 1::every_image] or img[-1:]
 
 
+# a cross-attention block's parts other than its two gates (what init_copy copies between blocks)
+XATTN_PARTS = ("attn_norm", "q_proj", "k_proj", "v_proj", "q_norm", "k_norm", "o_proj", "mlp_norm", "mlp")
+
+
 def image_adapter_copy(layers: list[int], image_layers: list[int] | None = None, *, gates: bool = False) -> dict[str, str]:
     """``init_copy`` entries that initialise video cross-attention block ``layers[i]`` from the
     image block ``image_layers[i]`` (default: the same layer). Gates are not copied unless
     ``gates``: they stay zero, so the stage still starts from the text model."""
     image_layers = image_layers or layers
-    subs = ("attn_norm", "q_proj", "k_proj", "v_proj", "q_norm", "k_norm", "o_proj", "mlp_norm", "mlp")
-    out = {f"video.xattn.{v}.{s}": f"image.xattn.{i}.{s}" for v, i in zip(layers, image_layers) for s in subs}
+    out = {f"video.xattn.{v}.{s}": f"image.xattn.{i}.{s}" for v, i in zip(layers, image_layers) for s in XATTN_PARTS}
     if gates:  # a gate is a single tensor, not a prefix of tensors: copy the whole block instead
         out = {f"video.xattn.{v}": f"image.xattn.{i}" for v, i in zip(layers, image_layers)}
     return out

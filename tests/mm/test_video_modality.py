@@ -307,8 +307,9 @@ def test_init_from_image_adapter(tmp_path, tiny_llm_dir, image_run, video_data, 
     if form == "layers":
         cfg.init_copy = {**cfg.init_copy, **image_adapter_copy(layers)}
     else:  # as configs/demo/video_adapter.yaml says it, without naming the LLM's layers
-        subs = ("attn_norm", "q_proj", "k_proj", "v_proj", "q_norm", "k_norm", "o_proj", "mlp_norm", "mlp")
-        cfg.init_copy = {**cfg.init_copy, **{f"video.xattn.*.{x}": f"image.xattn.*.{x}" for x in subs}}
+        from mm.modalities.video import XATTN_PARTS
+
+        cfg.init_copy = {**cfg.init_copy, **{f"video.xattn.*.{x}": f"image.xattn.*.{x}" for x in XATTN_PARTS}}
     model, _, _ = build_model(cfg.model)
     load_weights(model, image, strict=False, copy=cfg.init_copy)
     img, _ = load_tensors(image / "model" / "modalities.safetensors")
