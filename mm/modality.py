@@ -25,10 +25,12 @@ class Modality(nn.Module):
         xattn: for ``"xattn"``, decoder layer index -> cross-attention block.
         adapter: for ``"tokens"``, module ``(features, mask) -> (embeddings (b, m2, d), mask)``.
         llm_dim: LLM embedding width (for the boundary embeddings of ``"tokens"``).
+        readout_blank: for ``"tokens"``, the vocabulary read-out (see :meth:`embed`): the
+            token id that stands for "nothing here" (a CTC blank); None = no read-out.
     """
 
     def __init__(self, *, kind: str, encoder: nn.Module, xattn: dict[int, nn.Module] | None = None,
-                 adapter: nn.Module | None = None, llm_dim: int | None = None):
+                 adapter: nn.Module | None = None, llm_dim: int | None = None, readout_blank: int | None = None):
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"unknown modality kind {kind!r}; choose one of {KINDS}")
@@ -44,6 +46,7 @@ class Modality(nn.Module):
             self.adapter = adapter
             # begin / end of media: new embeddings, so no vocabulary row of the LLM changes.
             self.boundary = nn.Parameter(torch.randn(2, llm_dim) * 0.02)
+        self.readout_blank = readout_blank
 
     @property
     def layer_indices(self) -> list[int]:
@@ -54,9 +57,20 @@ class Modality(nn.Module):
             return self.encoder(**inputs)
         return self.encoder(inputs)
 
-    def embed(self, feats: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token embeddings ``[begin, adapter(features)..., end]`` left-aligned, with mask."""
+    def embed(self, feats: torch.Tensor, mask: torch.Tensor,
+              vocab: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token embeddings ``[begin, adapter(features)..., end]`` left-aligned, with mask.
+
+        With a read-out (``readout_blank``) and the LLM's input embedding table ``vocab``
+        (V, d), the adapter's frames are read as the LLM's own tokens first: see
+        :func:`vocabulary_readout`.
+        """
         emb, emask = self.adapter(feats, mask)  # (b, m2, d), (b, m2)
+        if self.readout_blank is not None:
+            if vocab is None:
+                raise ValueError("this modality reads its frames out as LLM tokens: embed() needs the LLM's "
+                                 "input embedding table (vocab=)")
+            emb = vocabulary_readout(emb, emask, vocab, self.readout_blank)
         b, m2, d = emb.shape
         out = emb.new_zeros(b, m2 + 2, d)
         lengths = emask.sum(-1)
@@ -65,3 +79,33 @@ class Modality(nn.Module):
         out[torch.arange(b), lengths + 1] = self.boundary[1].to(out.dtype)
         omask = torch.arange(m2 + 2, device=emb.device)[None] < (lengths + 2)[:, None]
         return out, omask
+
+
+def nearest_tokens(frames: torch.Tensor, vocab: torch.Tensor, *, chunk: int = 1024) -> torch.Tensor:
+    """Index of the nearest row of ``vocab`` (V, d) (Euclidean) for each of ``frames`` (..., d),
+    in chunks of ``chunk`` frames so that no (frames, V) matrix larger than that is held."""
+    flat = frames.detach().reshape(-1, frames.shape[-1]).to(vocab.dtype)
+    sq = vocab.detach().pow(2).sum(-1)  # (V,)
+    out = [(sq[None] - 2 * flat[i:i + chunk] @ vocab.detach().T).argmin(-1) for i in range(0, flat.shape[0], chunk)]
+    return (torch.cat(out) if out else flat.new_zeros(0, dtype=torch.long)).reshape(frames.shape[:-1])
+
+
+def vocabulary_readout(emb: torch.Tensor, mask: torch.Tensor, vocab: torch.Tensor, blank: int) -> torch.Tensor:
+    """Read adapter frames ``emb`` (b, m, d) as the LLM's own tokens (CTC-style read-out).
+
+    Each valid frame becomes the input embedding of its nearest token (forward), with a
+    straight-through gradient to the frame (backward: the identity), and the frames read as
+    ``blank`` move behind the others, keeping their order: the LLM then sees the transcript's
+    tokens in a row, followed by blanks, instead of tokens scattered between blanks (a CTC
+    alignment's shape), which a small frozen LLM copies far less reliably. Used with a CTC
+    loss that pulls frames onto token embeddings (``speech_lm``); on a CPU budget of minutes
+    the frames stay too far from the embeddings for the frozen LLM to read them as they are.
+    Padded frames (``mask`` False) stay zero and last.
+    """
+    idx = nearest_tokens(emb, vocab)  # (b, m)
+    snapped = vocab[idx].to(emb.dtype)
+    out = snapped + (emb - emb.detach()) if emb.requires_grad else snapped  # forward: exactly the rows
+    rank = (idx == blank).long() + 2 * (~mask).long()  # tokens, then blanks, then padding
+    order = torch.sort(rank, dim=1, stable=True).indices  # (b, m)
+    out = torch.gather(out, 1, order[..., None].expand_as(out))
+    return out * mask[..., None]

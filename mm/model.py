@@ -300,7 +300,7 @@ class MultimodalLM(nn.Module):
                     self.kv_projections += 1
                 cross[name] = CrossMedia(kv=kv, start=start, valid=valid)
             else:
-                emb, emask = mod.embed(feats, fmask)  # (b*n, m2, d), (b*n, m2)
+                emb, emask = mod.embed(feats, fmask, self.llm.get_input_embeddings().weight)  # (b*n, m2, d), (b*n, m2)
                 tokens[name] = (emb.reshape(batch, n, *emb.shape[1:]), emask.reshape(batch, n, -1), mi)
         return cross, tokens
 

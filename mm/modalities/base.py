@@ -23,13 +23,19 @@ class LLMShape:
     n_heads: int
     n_kv_heads: int
     norm_eps: float = 1e-5
+    # text -> token ids with the LLM's tokenizer (None where no tokenizer is at hand)
+    token_ids: Callable[[str], list[int]] | None = field(default=None, compare=False, repr=False)
 
 
-def llm_shape(config) -> LLMShape:
+def llm_shape(config, tokenizer=None) -> LLMShape:
     c = config.get_text_config() if hasattr(config, "get_text_config") else config
+    token_ids = None
+    if tokenizer is not None:
+        def token_ids(text: str) -> list[int]:
+            return tokenizer(text, add_special_tokens=False)["input_ids"]
     return LLMShape(dim=c.hidden_size, n_layers=c.num_hidden_layers, n_heads=c.num_attention_heads,
                     n_kv_heads=getattr(c, "num_key_value_heads", None) or c.num_attention_heads,
-                    norm_eps=getattr(c, "rms_norm_eps", 1e-5))
+                    norm_eps=getattr(c, "rms_norm_eps", 1e-5), token_ids=token_ids)
 
 
 def xattn_layers(n_layers: int, *, every: int = 4, first: int | None = None,

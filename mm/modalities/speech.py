@@ -33,8 +33,8 @@ from mm.modality import Modality
 from mm.modalities.base import LLMShape, ModalityType
 
 WINDOW_SECONDS = 60.0  # longest segment the model takes at once (Llama 3: 60 s, 750 positions)
-ASR_PROMPT = "Repeat after me in {language}:"
-TRANSLATE_PROMPT = "Translate the following sentence into {language}:"
+ASR_PROMPT = "Repeat after me in {language}:\n"  # the speech follows on a line of its own
+TRANSLATE_PROMPT = "Translate the following sentence into {language}:\n"
 SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".mp3", ".aiff", ".aif", ".au")
 
 ENCODERS = {"tiny": speech_encoder_tiny, "llama3": speech_encoder_llama3, "custom": speech_encoder}
@@ -51,14 +51,35 @@ def _preset(table: dict, preset: str, what: str):
     return table[preset]
 
 
-def build(llm: LLMShape, *, encoder: dict | None = None, adapter: dict | None = None) -> Modality:
+def build(llm: LLMShape, *, encoder: dict | None = None, adapter: dict | None = None,
+          readout: dict | None = None) -> Modality:
     """Speech encoder + adapter sized by presets (``tiny``, ``llama3``) or explicit sizes
-    (``preset: custom`` with the builder's keyword arguments)."""
+    (``preset: custom`` with the builder's keyword arguments).
+
+    ``readout: {blank: " "}`` (or ``{blank_id: N}``): the adapter's frames enter the LLM read
+    out as its own tokens, blanks moved last (:func:`mm.modality.vocabulary_readout`); off by
+    default (the Llama 3 recipe feeds the frames as they are)."""
     enc = dict(encoder or {})
     e = _preset(ENCODERS, enc.pop("preset", "tiny"), "encoder")(**enc)
     ad = dict(adapter or {})
     a = _preset(ADAPTERS, ad.pop("preset", "tiny"), "adapter")(encoder_dim=e.dim, llm_dim=llm.dim, **ad)
-    return Modality(kind="tokens", encoder=e, adapter=a, llm_dim=llm.dim)
+    return Modality(kind="tokens", encoder=e, adapter=a, llm_dim=llm.dim, readout_blank=_readout_blank(llm, readout))
+
+
+def _readout_blank(llm: LLMShape, readout: dict | None) -> int | None:
+    if not readout:
+        return None
+    unknown = set(readout) - {"blank", "blank_id"}
+    if unknown or len(readout) != 1:
+        raise ValueError(f"readout takes one of blank (text) or blank_id (token id), got {sorted(readout)}")
+    if "blank_id" in readout:
+        return int(readout["blank_id"])
+    if llm.token_ids is None:
+        raise ValueError("readout: {blank: ...} needs the LLM's tokenizer; give blank_id instead")
+    ids = llm.token_ids(str(readout["blank"]))
+    if len(ids) != 1:
+        raise ValueError(f"readout blank {readout['blank']!r} must be one token of the LLM's vocabulary, got {len(ids)}")
+    return ids[0]
 
 
 @dataclass(frozen=True)
@@ -251,6 +272,12 @@ class SpeechLMObjective:
     ``ctc_only_steps`` (default 0), ``ctc_blank``,
     ``ctc_batch_size`` (samples drawn for a CTC-only step, of which the ASR ones are used;
     default ``optim.batch_size``),
+    ``ctc_questions`` (default false: CTC on ASR samples only; true: also on spoken-QA
+    samples, whose CTC target is the spoken question, the record's ``spoken`` text),
+    ``ctc_negatives`` (default 0: the classes are the batch's target tokens; N: also N random
+    tokens of the LLM's vocabulary per step, so that frames move away from tokens no target
+    uses: the vocabulary read-out of :func:`mm.modality.vocabulary_readout` picks the nearest
+    of all of them),
     ``modality`` (default: the speech modality).
     """
 
@@ -266,6 +293,9 @@ class SpeechLMObjective:
         self.ctc_only_steps = int(ex.get("ctc_only_steps", 0))
         self.ctc_batch_size = int(ex.get("ctc_batch_size", cfg.optim.batch_size))
         self.align_weight = float(ex.get("align_weight", 1.0))
+        self.ctc_questions = bool(ex.get("ctc_questions", False))
+        self.ctc_negatives = int(ex.get("ctc_negatives", 0))
+        self.vocab_size = model.llm.get_input_embeddings().weight.shape[0]
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         dim = model.llm.get_input_embeddings().weight.shape[1]
         blank = ex.get("ctc_blank", " ")
@@ -285,8 +315,9 @@ class SpeechLMObjective:
     def _make(self, rec: dict):
         sample = self._make_sample(rec)
         ctc = None
-        if rec.get("task") == "asr" and sample.media.get(self.name):
-            ctc = [t for t in self.tokenizer(" " + rec["text"].strip(), add_special_tokens=False)["input_ids"]
+        said = rec.get("text") if rec.get("task") == "asr" else rec.get("spoken") if self.ctc_questions else None
+        if said and sample.media.get(self.name):
+            ctc = [t for t in self.tokenizer(" " + said.strip(), add_special_tokens=False)["input_ids"]
                    if t != self.blank_id]
         return sample, ctc
 
@@ -295,18 +326,23 @@ class SpeechLMObjective:
 
         # the alignment loss ramps up over the CTC-only steps (early CTC paths are noise)
         ramp = min(1.0, (step + 1) / self.ctc_only_steps) if self.ctc_only_steps else 1.0
+        negatives = []
+        if self.ctc_negatives:  # random vocabulary rows, a function of (seed, step)
+            gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)
+            negatives = torch.randint(self.vocab_size, (self.ctc_negatives,), generator=gen).tolist()
         if step < self.ctc_only_steps:  # the ASR samples of a draw of ctc_batch_size
             pairs = [(s, c) for s, c in self.stream.batch(step, self.ctc_batch_size) if c]
             if pairs:
                 items = [s.media[self.name][0][0] for s, _ in pairs]
-                return "ctc", self.types[self.name].collate(items), [c for _, c in pairs], ramp
+                return "ctc", self.types[self.name].collate(items), [c for _, c in pairs], ramp, negatives
         pairs = self.stream.batch(step, self.cfg.optim.batch_size)
-        return "lm", collate([s for s, _ in pairs], types=self.types, pad_id=self.pad_id), [c for _, c in pairs], ramp
+        return ("lm", collate([s for s, _ in pairs], types=self.types, pad_id=self.pad_id), [c for _, c in pairs], ramp,
+                negatives)
 
     def loss(self, batch) -> tuple[torch.Tensor, dict]:
         import torch.nn.functional as F
 
-        kind, b, ctc_targets, ramp = batch
+        kind, b, ctc_targets, ramp, negatives = batch
         align_weight = self.align_weight * ramp
         model = self.model
         mod = model.modalities[self.name]
@@ -314,7 +350,7 @@ class SpeechLMObjective:
             device = next(mod.parameters()).device
             feats, fmask = mod.encode({k: v.to(device) for k, v in b.items()})
             frames, fmask2 = mod.adapter(feats, fmask)  # (b, m2, d), (b, m2)
-            ctc, align = self._ctc(frames, fmask2.sum(-1), ctc_targets)
+            ctc, align = self._ctc(frames, fmask2.sum(-1), ctc_targets, negatives)
             return ctc + align_weight * align, {"samples": len(ctc_targets), "ctc_loss": round(ctc.item(), 4),
                                                      "align_loss": round(align.item(), 4)}
         h, _, p, (_, tokens) = model.run(b.input_ids, b.attention_mask, media=b.media)
@@ -326,13 +362,20 @@ class SpeechLMObjective:
         rows = [i for i, c in enumerate(ctc_targets) if c]
         if not self.ctc_weight or not rows or self.name not in tokens:
             return lm, info
-        emb, emask, _ = tokens[self.name]  # (b, n, m2 + 2, d): [begin, frames..., end]
-        ctc, align = self._ctc(emb[rows, 0, 1:-1], emask[rows, 0].sum(-1) - 2, [ctc_targets[i] for i in rows])
+        emb, emask, mi = tokens[self.name]  # (b, n, m2 + 2, d): [begin, frames..., end]
+        if mod.readout_blank is None:
+            frames, lengths = emb[rows, 0, 1:-1], emask[rows, 0].sum(-1) - 2
+        else:  # the LLM saw the frames read out as tokens: the CTC loss needs them as they were
+            feats, fmask = mod.encode(mi.inputs)  # (b*n, m, e): one item per sample here
+            first = [r * mi.valid.shape[1] for r in rows]  # each row's first item
+            frames, fmask2 = mod.adapter(feats[first], fmask[first])
+            lengths = fmask2.sum(-1)
+        ctc, align = self._ctc(frames, lengths, [ctc_targets[i] for i in rows], negatives)
         info.update(ctc_loss=round(ctc.item(), 4), align_loss=round(align.item(), 4))
         return lm + self.ctc_weight * (ctc + align_weight * align), info
 
-    def _ctc(self, frames: torch.Tensor, lengths: torch.Tensor,
-             targets: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _ctc(self, frames: torch.Tensor, lengths: torch.Tensor, targets: list[list[int]],
+             negatives: list[int] = ()) -> tuple[torch.Tensor, torch.Tensor]:
         """CTC + alignment loss of frames (r, m2, d) with valid ``lengths`` (r,) against token
         id lists. The alignment loss pulls each frame onto the embedding the best CTC path
         gives it: the token's embedding on the first frame of its run, blank elsewhere. So the
@@ -340,14 +383,17 @@ class SpeechLMObjective:
         import torch.nn.functional as F
         from torchaudio.functional import forced_align
 
-        vocab = sorted({t for ts in targets for t in ts})
+        vocab = sorted({t for ts in targets for t in ts} | (set(negatives) - {self.blank_id}))
         index = {t: k + 1 for k, t in enumerate(vocab)}  # 0 = blank
         weight = self.model.llm.get_input_embeddings().weight
         table = weight[vocab].detach()  # (k, d), frozen
         blank = self.modules["ctc_blank"].value if self.blank_id is None else weight[self.blank_id].detach()
         classes = torch.cat([blank[None].to(table), table]).float()  # (k + 1, d)
         frames = frames.float()
-        logp = (-torch.cdist(frames, classes[None].expand(frames.shape[0], -1, -1)).pow(2)).log_softmax(-1)
+        # squared distances as |f|^2 - 2 f.c + |c|^2: one matrix product (cdist's backward is
+        # a slow elementwise kernel, several times the whole step with thousands of classes)
+        d2 = frames.pow(2).sum(-1, keepdim=True) - 2 * frames @ classes.T + classes.pow(2).sum(-1)
+        logp = (-d2).log_softmax(-1)  # (r, m2, k + 1)
         tgt = [torch.tensor([index[t] for t in ts], dtype=torch.long) for ts in targets]
         lengths = lengths.cpu()
         ctc = F.ctc_loss(logp.transpose(0, 1), torch.cat(tgt), lengths, torch.tensor([len(t) for t in tgt]),

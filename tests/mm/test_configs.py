@@ -21,7 +21,8 @@ def test_config_instantiates(path, smollm2_dir):
         transformers.AutoConfig.for_model(**cfg.extra["llm_config"]) if "llm_config" in cfg.extra else None
     if llm_cfg is None:
         pytest.skip(f"{path.name}: LLM {cfg.model.llm} is a user path")
-    shape = llm_shape(llm_cfg)
+    tok = transformers.AutoTokenizer.from_pretrained(smollm2_dir) if cfg.model.llm == "smollm2" else None
+    shape = llm_shape(llm_cfg, tok)  # with the tokenizer: a speech read-out names its blank as text
     with torch.device("meta"):  # shapes only: the Llama 3 presets are large
         for name, spec in cfg.model.modalities.items():
             t = get_type(spec.get("type", name))

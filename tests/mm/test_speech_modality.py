@@ -73,8 +73,8 @@ def llm_dir(tmp_path_factory):
 # -- the token-embedding path --------------------------------------------------------------
 def test_registered_and_prompts():
     assert get_type("speech") is SPEECH and SPEECH.kind == "tokens"
-    assert record_prompt({"task": "asr"}) == "Repeat after me in English:"
-    assert record_prompt({"task": "asr", "language": "French"}) == "Repeat after me in French:"
+    assert record_prompt({"task": "asr"}) == "Repeat after me in English:\n"
+    assert record_prompt({"task": "asr", "language": "French"}) == "Repeat after me in French:\n"
     assert record_prompt({"task": "qa"}) == ""  # spoken dialogue: no task prompt
     assert record_prompt({}) is None  # -> the type's default prompt, "" (dialogue)
 
@@ -284,7 +284,9 @@ def test_speech_configs_instantiate(path):
     spec = dict(cfg.model.modalities["audio"])
     assert spec.pop("type") == "speech"
     llama3 = "llama3" in path.name
-    shape = LLMShape(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8) if llama3 else LLMShape(576, 30, 9, 3)
+    one_token = lambda text: [220]  # noqa: E731  (the read-out's blank needs a tokenizer)
+    shape = (LLMShape(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8) if llama3
+             else LLMShape(576, 30, 9, 3, token_ids=one_token))
     with torch.device("meta"):
         mod = build(shape, **spec)
     n = sum(p.numel() for p in mod.parameters())
@@ -336,3 +338,60 @@ print(len(out[0]["text"].split()), out[0]["duration"], grown // 1024)
                                                check=True).stdout.split()
     assert float(duration) == 3600.0 and int(words) >= 60
     assert int(grown_mb) < 80
+
+
+def test_vocabulary_readout_snaps_to_tokens_and_moves_blanks_last():
+    from mm.modality import nearest_tokens, vocabulary_readout
+
+    torch.manual_seed(0)
+    vocab = torch.randn(50, 8)
+    ids = torch.tensor([[7, 3, 7, 9, 3, 0], [3, 11, 3, 0, 0, 0]])  # 3 = blank; row 1 has 3 padded frames
+    mask = torch.tensor([[True] * 6, [True] * 3 + [False] * 3])
+    frames = (vocab[ids] + 0.01 * torch.randn(2, 6, 8)).requires_grad_()
+    assert torch.equal(nearest_tokens(frames, vocab, chunk=5), ids)  # chunked == whole
+    out = vocabulary_readout(frames, mask, vocab, blank=3)
+    # tokens in their order, then blanks, then zero padding; exact LLM embeddings
+    assert torch.equal(out[0], vocab[[7, 7, 9, 0, 3, 3]])
+    assert torch.equal(out[1, :3], vocab[[11, 3, 3]]) and not out[1, 3:].any()
+    # straight-through: the gradient reaches each frame at its new place
+    w = torch.randn_like(out)
+    (out * w).sum().backward()
+    assert torch.equal(frames.grad[0, 1], w[0, 4]) and torch.equal(frames.grad[0, 0], w[0, 0])
+    assert not frames.grad[1, 3:].any()
+    # without gradients the output is the embeddings themselves
+    with torch.no_grad():
+        assert torch.equal(vocabulary_readout(frames.detach(), mask, vocab, blank=3), out.detach())
+
+
+def test_readout_model_batched_equals_one_by_one_and_text_is_untouched():
+    llm = tiny_llm(layers=2)
+    torch.manual_seed(3)
+    model = MultimodalLM(llm, {"audio": build(llm_shape(llm.config), encoder=ENC, adapter=ADA,
+                                              readout={"blank_id": 5})}).eval()
+    types = {"audio": SPEECH}
+    tok = char_tokenizer()
+    waves = [torch.from_numpy(voice_like(s, seed=i)) for i, s in enumerate((0.4, 2.3, 1.1))]
+    one = [transcribe_waves(model, types, tok, [w], tokens_per_second=4)[0] for w in waves]
+    assert transcribe_waves(model, types, tok, waves, batch_size=3, tokens_per_second=4) == one
+    mod = model.modalities["audio"]
+    vocab = llm.get_input_embeddings().weight
+    emb, mask = mod.embed(*mod.encode(SPEECH.collate([SPEECH.preprocess(waves[1], mod)])), vocab)
+    n = int(mask[0].sum())
+    frames = emb[0, 1:n - 1]  # between the boundary embeddings: rows of the LLM's own table
+    assert (frames[:, None] == vocab[None]).all(-1).any(-1).all()
+    with pytest.raises(ValueError, match="needs the LLM's input embedding table"):
+        mod.embed(*mod.encode(SPEECH.collate([SPEECH.preprocess(waves[1], mod)])))
+    ids = torch.tensor([[1, 2, 3]])
+    assert torch.equal(model(ids, attention_mask=torch.ones_like(ids)), llm(ids).logits)
+
+
+def test_readout_options_are_checked():
+    shape = LLMShape(dim=16, n_layers=2, n_heads=2, n_kv_heads=2, token_ids=lambda text: [1] * len(text))
+    assert build(shape, encoder=ENC, adapter=ADA, readout={"blank": " "}).readout_blank == 1
+    assert build(shape, encoder=ENC, adapter=ADA).readout_blank is None
+    with pytest.raises(ValueError, match="must be one token"):
+        build(shape, encoder=ENC, adapter=ADA, readout={"blank": "  "})
+    with pytest.raises(ValueError, match="one of blank"):
+        build(shape, encoder=ENC, adapter=ADA, readout={"blank": " ", "blank_id": 3})
+    with pytest.raises(ValueError, match="needs the LLM's tokenizer"):
+        build(LLMShape(dim=16, n_layers=2, n_heads=2, n_kv_heads=2), encoder=ENC, adapter=ADA, readout={"blank": " "})
