@@ -47,6 +47,7 @@ class OptimConfig:
     batch_size: int = 8
     grad_clip: float = 1.0
     schedule: str = "cosine"              # cosine | constant
+    min_lr_ratio: float = 0.0             # cosine ends at lr x this (a floor for the last steps)
     # zero-initialised tanh gates move by ~lr per Adam step; short runs raise their rate
     gate_lr_mult: float = 1.0
 

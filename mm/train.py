@@ -39,7 +39,7 @@ def _lr_lambda(cfg: RunConfig):
         if o.schedule == "constant":
             return 1.0
         t = (step - o.warmup_steps) / max(1, o.steps - o.warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+        return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
     return f
 
 

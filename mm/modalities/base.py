@@ -29,13 +29,13 @@ class LLMShape:
 
 def llm_shape(config, tokenizer=None) -> LLMShape:
     c = config.get_text_config() if hasattr(config, "get_text_config") else config
-    token_ids = None
-    if tokenizer is not None:
-        def token_ids(text: str) -> list[int]:
-            return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def token_ids(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
     return LLMShape(dim=c.hidden_size, n_layers=c.num_hidden_layers, n_heads=c.num_attention_heads,
                     n_kv_heads=getattr(c, "num_key_value_heads", None) or c.num_attention_heads,
-                    norm_eps=getattr(c, "rms_norm_eps", 1e-5), token_ids=token_ids)
+                    norm_eps=getattr(c, "rms_norm_eps", 1e-5),
+                    token_ids=token_ids if tokenizer is not None else None)
 
 
 def xattn_layers(n_layers: int, *, every: int = 4, first: int | None = None,

@@ -254,8 +254,9 @@ class BestRqObjective:
 # -- LM loss with an auxiliary CTC alignment loss ---------------------------------------------
 class SpeechLMObjective:
     """The ``lm`` objective (next-token loss on the target text, LLM frozen) plus, on ASR
-    samples, an auxiliary CTC loss that aligns the adapter's output frames with the target
-    text's tokens in the frozen LLM's own input-embedding space: a frame's logit for a token
+    samples (and spoken questions, ``ctc_questions``), an auxiliary CTC loss that aligns the
+    adapter's output frames with the target text's tokens in the frozen LLM's own
+    input-embedding space: a frame's logit for a token
     is minus its squared distance to the token's (frozen) embedding. "Blank" is the embedding
     of the one-token text ``ctc_blank`` (default ``" "``: frames between words then read like
     extra spaces, which the LLM and the WER normalisation ignore), or a learned vector when
@@ -270,7 +271,7 @@ class SpeechLMObjective:
     ``extra``: ``ctc_weight`` (default 0.5), ``align_weight`` (default 1.0, ramped up linearly
     over the CTC-only steps; see :meth:`_ctc`),
     ``ctc_only_steps`` (default 0), ``ctc_blank``,
-    ``ctc_batch_size`` (samples drawn for a CTC-only step, of which the ASR ones are used;
+    ``ctc_batch_size`` (samples drawn for a CTC-only step, of which those with a CTC target are used;
     default ``optim.batch_size``),
     ``ctc_questions`` (default false: CTC on ASR samples only; true: also on spoken-QA
     samples, whose CTC target is the spoken question, the record's ``spoken`` text),
@@ -330,7 +331,7 @@ class SpeechLMObjective:
         if self.ctc_negatives:  # random vocabulary rows, a function of (seed, step)
             gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)
             negatives = torch.randint(self.vocab_size, (self.ctc_negatives,), generator=gen).tolist()
-        if step < self.ctc_only_steps:  # the ASR samples of a draw of ctc_batch_size
+        if step < self.ctc_only_steps:  # the samples with a CTC target of a draw of ctc_batch_size
             pairs = [(s, c) for s, c in self.stream.batch(step, self.ctc_batch_size) if c]
             if pairs:
                 items = [s.media[self.name][0][0] for s, _ in pairs]

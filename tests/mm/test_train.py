@@ -128,3 +128,17 @@ def test_activation_checkpointing_gives_the_same_losses(tmp_path, tiny_llm_dir, 
     assert la == pytest.approx(lb, rel=1e-4)
     from mm.runs import _LLM_CACHE
     _LLM_CACHE.clear()  # checkpointing flags were set on that cached LLM object
+
+
+def test_learning_rate_schedules():
+    from mm.config import RunConfig
+    from mm.train import _lr_lambda
+
+    cfg = RunConfig(stage="x")
+    cfg.optim.warmup_steps, cfg.optim.steps = 10, 110
+    f = _lr_lambda(cfg)
+    assert f(0) == 0.1 and f(9) == 1.0 and f(10) == 1.0 and abs(f(60) - 0.5) < 1e-12 and f(110) == 0.0
+    cfg.optim.min_lr_ratio = 0.1
+    assert abs(f(110) - 0.1) < 1e-12 and abs(f(60) - 0.55) < 1e-12 and f(10) == 1.0
+    cfg.optim.schedule = "constant"
+    assert f(5) == 0.6 and f(60) == 1.0 and f(500) == 1.0
