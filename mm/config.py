@@ -46,7 +46,7 @@ class OptimConfig:
     steps: int = 100
     batch_size: int = 8
     grad_clip: float = 1.0
-    schedule: str = "cosine"              # cosine | constant
+    schedule: str = field(default="cosine", metadata={"choices": ("cosine", "constant")})
     min_lr_ratio: float = 0.0             # cosine ends at lr x this (a floor for the last steps)
     # zero-initialised tanh gates move by ~lr per Adam step; short runs raise their rate
     gate_lr_mult: float = 1.0
@@ -108,6 +108,9 @@ def _merge(dc_type, base, data: dict, where: str):
             out[k] = tuple(v)
         else:
             out[k] = _typed(v, cur, f"{where}.{k}")
+            choices = known[k].metadata.get("choices")
+            if choices and out[k] not in choices:
+                raise ConfigError(f"{where}.{k}: expected one of {', '.join(choices)}, got {out[k]!r}")
     return dataclasses.replace(base, **out)
 
 

@@ -140,6 +140,7 @@ def test_audio_window_length_and_shape(tmp_path):
     ("optim: {lr: fast}\n", "optim.lr: expected a number, got 'fast'"),
     ("data: {sources: manifest.jsonl}\n", "data.sources: expected a list"),
     ("checkpoint_every: 2.5\n", "checkpoint_every: expected a whole number"),
+    ("optim: {schedule: linear}\n", "optim.schedule: expected one of cosine, constant, got 'linear'"),
 ])
 def test_config_errors(tmp_path, text, problem):
     p = tmp_path / "c.yaml"
