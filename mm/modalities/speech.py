@@ -76,9 +76,13 @@ def _readout_blank(llm: LLMShape, readout: dict | None) -> int | None:
         return int(readout["blank_id"])
     if llm.token_ids is None:
         raise ValueError("readout: {blank: ...} needs the LLM's tokenizer; give blank_id instead")
-    ids = llm.token_ids(str(readout["blank"]))
+    return _one_token(llm.token_ids(str(readout["blank"])), f"readout blank {readout['blank']!r}")
+
+
+def _one_token(ids: list[int], what: str) -> int:
+    """The id of a text that must be a single token of the LLM's vocabulary."""
     if len(ids) != 1:
-        raise ValueError(f"readout blank {readout['blank']!r} must be one token of the LLM's vocabulary, got {len(ids)}")
+        raise ValueError(f"{what} must be one token of the LLM's vocabulary, got {len(ids)}")
     return ids[0]
 
 
@@ -304,10 +308,8 @@ class SpeechLMObjective:
         if blank is None:
             self.modules = nn.ModuleDict({"ctc_blank": _Vector(dim)})
         else:
-            ids = tokenizer(blank, add_special_tokens=False)["input_ids"]
-            if len(ids) != 1:
-                raise ValueError(f"extra.ctc_blank {blank!r} must be one token of the LLM's vocabulary, got {len(ids)}")
-            self.blank_id = ids[0]
+            self.blank_id = _one_token(tokenizer(blank, add_special_tokens=False)["input_ids"],
+                                       f"extra.ctc_blank {blank!r}")
             self.modules = nn.ModuleDict()
         self._make_sample = partial(make_sample, model=model, types=types, tokenizer=tokenizer,
                                     preprocess=cfg.data.preprocess)
