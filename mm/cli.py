@@ -171,7 +171,7 @@ def cmd_modalities(a) -> int:
 def cmd_demo(a) -> int:
     from mm.demo import run_demo
     stages = [s.strip() for s in a.stages.split(",") if s.strip()]
-    run_demo(Path(a.out), stages=stages, fast=a.fast, llm_spec=a.llm)
+    run_demo(Path(a.out), stages=stages, fast=a.fast, llm_spec=a.llm, seed=a.seed)
     return 0
 
 
@@ -253,6 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--stages", default="image,video,speech")
     d.add_argument("--llm", default="smollm2")
     d.add_argument("--fast", action="store_true", help="a few steps of each stage (smoke test)")
+    d.add_argument("--seed", type=int, default=0,
+                   help="added to every training stage's seed (0: the configs as written; the data stay the same)")
     d.set_defaults(fn=cmd_demo)
 
     b = sub.add_parser("bench", help="speed against HF Mllama at the same shapes")

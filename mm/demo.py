@@ -37,7 +37,7 @@ def machine() -> str:
     return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
-def run_image(out: Path, *, fast: bool, llm_spec: str) -> dict:
+def run_image(out: Path, *, fast: bool, llm_spec: str, seed: int = 0) -> dict:
     from mm.config import load_config
     from mm.evaluate import evaluate
     from mm.runs import load_run
@@ -52,6 +52,7 @@ def run_image(out: Path, *, fast: bool, llm_spec: str) -> dict:
         if fast:
             ov += ["optim.steps=3", "optim.warmup_steps=1", "optim.batch_size=4"]
         cfg = load_config(configs_dir() / "demo" / f"{stage}.yaml", ov)
+        cfg.seed += seed
         t = time.time()
         print(f"[image] {stage}: training {cfg.optim.steps} steps ...", flush=True)
         train(cfg)
@@ -81,7 +82,11 @@ def run_image(out: Path, *, fast: bool, llm_spec: str) -> dict:
     }
 
 
-def run_demo(out: Path, *, stages: list[str], fast: bool = False, llm_spec: str = "smollm2") -> dict:
+def run_demo(out: Path, *, stages: list[str], fast: bool = False, llm_spec: str = "smollm2",
+             seed: int = 0) -> dict:
+    """Train and evaluate the chosen parts; ``seed`` is added to every training stage's own
+    seed (initialisation, draw order, masking), the data stay the same: 0 runs the configs
+    as written, other values show the run-to-run spread."""
     from mm.config import ModelConfig
     from mm.llm import load_frozen_llm, text_fingerprint
     from mm.runs import get_llm
@@ -93,18 +98,19 @@ def run_demo(out: Path, *, stages: list[str], fast: bool = False, llm_spec: str 
         raise ValueError(f"demo: unknown stages {unknown}; choose from image, video, speech")
     t0 = time.time()
     llm = get_llm(ModelConfig(llm=llm_spec))
-    metrics: dict = {"machine": machine(), "llm": llm_spec, "fast": fast}
+    metrics: dict = {"machine": machine(), "llm": llm_spec, "fast": fast, "seed": seed}
     if "image" in stages:
-        metrics.update(run_image(out / "image", fast=fast, llm_spec=llm_spec))
+        metrics.update(run_image(out / "image", fast=fast, llm_spec=llm_spec, seed=seed))
     if "video" in stages:
         from mm.video import run_video_demo
         image_run = out / "image" / IMAGE_STAGES[-1]
         if not (image_run / "model").exists():
             raise ValueError(f"{image_run}: the video part needs the image part's run (add image to --stages)")
-        metrics.update(run_video_demo(out / "video", image_run=image_run, llm_spec=llm_spec, fast=fast))
+        metrics.update(run_video_demo(out / "video", image_run=image_run, llm_spec=llm_spec, fast=fast,
+                                      seed=seed))
     if "speech" in stages:
         from mm.speech import run_speech_demo
-        metrics.update(run_speech_demo(out / "speech", llm_spec=llm_spec, fast=fast))
+        metrics.update(run_speech_demo(out / "speech", llm_spec=llm_spec, fast=fast, seed=seed))
     # Bit-for-bit proof: the in-memory LLM after all stages, and a fresh load from disk,
     # both hash to the fingerprint taken when it was first loaded.
     after = text_fingerprint(llm.model)

@@ -432,7 +432,7 @@ def _cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def run_speech_demo(out_dir: Path, *, llm_spec: str = "smollm2", fast: bool = False) -> dict:
+def run_speech_demo(out_dir: Path, *, llm_spec: str = "smollm2", fast: bool = False, seed: int = 0) -> dict:
     """The speech part of ``mm demo``: BEST-RQ encoder pre-training, then encoder + adapter on
     ASR and spoken QA (configs/demo/speech_*.yaml), then WER and QA agreement on held-out
     voices (and held-out questions). Returns the metrics, also written to
@@ -452,6 +452,8 @@ def run_speech_demo(out_dir: Path, *, llm_spec: str = "smollm2", fast: bool = Fa
                       common + small + [f"out={runs['speech_encoder_pretrain']}"])
     ad = load_config(DEMO_CONFIGS / "speech_adapter.yaml",
                      common + small + small_ad + [f"out={runs['speech_adapter']}", f"init_from={runs['speech_encoder_pretrain']}"])
+    for cfg in (pre, ad):
+        cfg.seed += seed  # the training seeds only: the utterances stay the same
     if fast:
         for cfg in (pre, ad):
             cfg.data.sources = [dict(s, n=min(int(s.get("n", 1000)), 48)) for s in cfg.data.sources]

@@ -68,7 +68,7 @@ def caption_scores(records: list[dict], preds: list[str | None]) -> dict:
 
 
 def run_video_demo(out_dir: Path, *, image_run: Path, llm_spec: str = "smollm2", fast: bool = False,
-                   init: str = "image", eval_batch_size: int = 64) -> dict:
+                   init: str = "image", eval_batch_size: int = 64, seed: int = 0) -> dict:
     """Write clips, train ``video_adapter`` from ``image_run``, evaluate held-out captions with
     all frames and with the middle frame only. Returns ``video.*`` metrics."""
     from mm.data import load_source
@@ -79,6 +79,7 @@ def run_video_demo(out_dir: Path, *, image_run: Path, llm_spec: str = "smollm2",
     t0 = time.time()
     seconds = {}
     cfg = demo_config(out_dir, image_run=image_run, llm_spec=llm_spec, fast=fast, init=init)
+    cfg.seed += seed  # the training seed only: the clips stay the same
     types = modality_types(cfg.model)
 
     t = time.time()
