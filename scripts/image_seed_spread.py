@@ -44,9 +44,12 @@ def kind(question: str, answer: str) -> str:
 
 def score(run: Path, *, captions: int, questions: int) -> dict:
     model, llm, types, cfg = load_run(run)
+    # score with the media where training put them (``media: before`` on every source)
+    before = all(src.get("media") == "before" for src in cfg.data.sources)
     res: dict = {}
     for task, n in (("caption", captions), ("vqa", questions)):
-        recs = load_source({"type": "easy-vqa", "split": "val", "task": task, "limit": n, "seed": 0}, types)
+        recs = load_source({"type": "easy-vqa", "split": "val", "task": task, "limit": n, "seed": 0,
+                            **({"media": "before"} if before else {})}, types)
         preds = answer_records(model, types, llm.tokenizer, recs, batch_size=128,
                                preprocess=cfg.data.preprocess, max_new_tokens=8)
         ok = [exact_match(p, r["text"]) for r, p in zip(recs, preds)]
