@@ -300,7 +300,6 @@ class SpeechLMObjective:
         self.align_weight = float(ex.get("align_weight", 1.0))
         self.ctc_questions = bool(ex.get("ctc_questions", False))
         self.ctc_negatives = int(ex.get("ctc_negatives", 0))
-        self.vocab_size = model.llm.get_input_embeddings().weight.shape[0]
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         dim = model.llm.get_input_embeddings().weight.shape[1]
         blank = ex.get("ctc_blank", " ")
@@ -332,7 +331,8 @@ class SpeechLMObjective:
         negatives = []
         if self.ctc_negatives:  # random vocabulary rows, a function of (seed, step)
             gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)
-            negatives = torch.randint(self.vocab_size, (self.ctc_negatives,), generator=gen).tolist()
+            vocab_size = self.model.llm.get_input_embeddings().weight.shape[0]
+            negatives = torch.randint(vocab_size, (self.ctc_negatives,), generator=gen).tolist()
         if step < self.ctc_only_steps:  # the samples with a CTC target of a draw of ctc_batch_size
             pairs = [(s, c) for s, c in self.stream.batch(step, self.ctc_batch_size) if c]
             if pairs:
