@@ -181,9 +181,11 @@ def make_sample(rec: dict, *, model, types: dict, tokenizer, preprocess: dict, t
                 val.encode("utf-8")
             except UnicodeEncodeError:
                 raise BadSample(f"{where}: {key!r} is not valid Unicode text (unpaired surrogate)") from None
-    if "<|mm:" not in question:
-        question = question + "".join(mark(n) for n in present for _ in media[n])
-    enc = encode(tokenizer, question, text if train else None, media_tokens=counts)
+    late: list[str] = []
+    if "<|mm:" not in question:  # no marker: each modality's own placement
+        late = [n for n in present if model.modalities[n].placement == "before_answer" for _ in media[n]]
+        question = question + "".join(mark(n) for n in present if n not in late for _ in media[n])
+    enc = encode(tokenizer, question, text if train else None, media_tokens=counts, before_answer=late)
     placed: dict[str, list] = {n: [] for n in media}
     for name, pos in enc.media:
         if name not in media or len(placed[name]) >= len(media[name]):

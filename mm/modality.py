@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 KINDS = ("xattn", "tokens")
+PLACEMENTS = ("after_question", "before_answer")
 
 
 class Modality(nn.Module):
@@ -27,14 +28,24 @@ class Modality(nn.Module):
         llm_dim: LLM embedding width (for the boundary embeddings of ``"tokens"``).
         readout_blank: for ``"tokens"``, the vocabulary read-out (see :meth:`embed`): the
             token id that stands for "nothing here" (a CTC blank); None = no read-out.
+        placement: where a prompt with no media marker puts this modality's items:
+            ``"after_question"`` (default: at the end of the user's text) or, for
+            ``"xattn"``, ``"before_answer"`` (at the prompt's last token, after the chat
+            template's assistant header). Training and inference read it from the model, so
+            they always agree; a marker written in the question wins over it.
     """
 
     def __init__(self, *, kind: str, encoder: nn.Module, xattn: dict[int, nn.Module] | None = None,
-                 adapter: nn.Module | None = None, llm_dim: int | None = None, readout_blank: int | None = None):
+                 adapter: nn.Module | None = None, llm_dim: int | None = None, readout_blank: int | None = None,
+                 placement: str = "after_question"):
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"unknown modality kind {kind!r}; choose one of {KINDS}")
+        if placement not in PLACEMENTS or (kind == "tokens" and placement != "after_question"):
+            raise ValueError(f"placement must be one of {PLACEMENTS} (token-embedding media: after_question), "
+                             f"not {placement!r}")
         self.kind = kind
+        self.placement = placement
         self.encoder = encoder
         if kind == "xattn":
             if not xattn:

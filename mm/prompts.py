@@ -41,7 +41,7 @@ def render(tokenizer, user_text: str) -> str:
 
 
 def encode(tokenizer, user_text: str, answer: str | None = None, *,
-           media_tokens: dict[str, list[int]] | None = None) -> Encoded:
+           media_tokens: dict[str, list[int]] | None = None, before_answer: list[str] = ()) -> Encoded:
     """Tokenise a prompt (and optionally the answer it should produce).
 
     Args:
@@ -49,6 +49,11 @@ def encode(tokenizer, user_text: str, answer: str | None = None, *,
         answer: target text; the labels cover it and the end-of-turn token.
         media_tokens: for token-embedding modalities, name -> list of placeholder counts, one
             per marker occurrence (consumed in order).
+        before_answer: cross-attention media with no marker, placed at the prompt's last token
+            (the one that predicts the answer's first token), one name per item: the chat
+            template's end of turn and assistant header then stay text-only, so fewer
+            columns run the layers above the lowest adapter (see ``placement`` in
+            :class:`mm.modality.Modality`).
     """
     text = render(tokenizer, user_text)
     ids: list[int] = []
@@ -66,6 +71,7 @@ def encode(tokenizer, user_text: str, answer: str | None = None, *,
             ids += [pad] * counts[name].pop(0)
         pos = m.end()
     ids += tokenizer(text[pos:], add_special_tokens=False)["input_ids"]
+    media += [(name, len(ids) - 1) for name in before_answer]
     labels = [-100] * len(ids)
     if answer is not None:
         target = tokenizer(answer, add_special_tokens=False)["input_ids"] + [end_of_turn_id(tokenizer)]

@@ -54,7 +54,10 @@ def main() -> None:
     for media in ("after", "before"):
         cfg = load_config(configs_dir() / "demo" / "image_anneal.yaml",
                           [f"out={out / media}", f"init_from={a.init}", f"optim.steps={a.steps}",
-                           f"optim.warmup_steps={min(5, a.steps)}"])
+                           f"optim.warmup_steps={min(5, a.steps)}", "optim.lr=1e-3",  # the rate it was run at
+                           # "after": at the end of the question, inside the user turn (not the
+                           # demo's placement before the answer)
+                           "model.modalities.image.adapter.placement=after_question"])
         cfg.data.sources = [{"type": "manifest", "path": str(out / "fit.jsonl"), "media": media}]
         model, llm, types, run_cfg = load_run(train(cfg, progress=False))
         recs = load_source({"type": "manifest", "path": str(out / "val.jsonl"), "media": media}, types)[:a.n]

@@ -102,9 +102,11 @@ class ModalityType:
 
 def cross_attention_modality(llm: LLMShape, encoder: torch.nn.Module, *, media_dim: int, every: int = 4,
                              first: int | None = None, layers: list[int] | None = None, heads: int | None = None,
-                             kv_heads: int | None = None, ffn_mult: float = 2.0) -> Modality:
+                             kv_heads: int | None = None, ffn_mult: float = 2.0,
+                             placement: str = "after_question") -> Modality:
     """A cross-attention modality: ``encoder`` -> gated cross-attention blocks shaped like the
-    LLM's attention, before every ``every``-th decoder layer (or the explicit ``layers``)."""
+    LLM's attention, before every ``every``-th decoder layer (or the explicit ``layers``);
+    ``placement``: where an unmarked prompt puts the media (:class:`mm.modality.Modality`)."""
     from adapters.cross_attention import GatedCrossAttention
 
     h = heads or llm.n_heads
@@ -112,7 +114,7 @@ def cross_attention_modality(llm: LLMShape, encoder: torch.nn.Module, *, media_d
     blocks = {i: GatedCrossAttention(dim=llm.dim, media_dim=media_dim, n_heads=h, n_kv_heads=k,
                                      head_dim=llm.dim // h, ffn_dim=int(ffn_mult * llm.dim), norm_eps=llm.norm_eps)
               for i in xattn_layers(llm.n_layers, every=every, first=first, layers=layers)}
-    return Modality(kind="xattn", encoder=encoder, xattn=blocks)
+    return Modality(kind="xattn", encoder=encoder, xattn=blocks, placement=placement)
 
 
 def token_modality(llm: LLMShape, encoder: torch.nn.Module, *, enc_dim: int, dim: int = 256, heads: int = 4,

@@ -152,3 +152,45 @@ def test_easy_vqa_fit_and_val_split_train_by_image():
     assert 0.08 < len(val_img) / len(fit_img | val_img) < 0.12
     with pytest.raises(ValueError, match="split must be one of"):
         records("dev")
+
+
+def test_placement_before_answer_sees_media_from_the_last_prompt_token(smollm2_dir, tmp_path):
+    """``placement: before_answer``: same tokens as the plain prompt, the image at the token
+    that predicts the answer's first token; a marker in the question still wins; the model
+    carries the placement, so training samples and inference prompts agree."""
+    from transformers import AutoTokenizer
+
+    from mm.data import make_sample
+    from mm.modalities.image import IMAGE
+    from mm.modality import Modality
+    from mm.model import MultimodalLM
+    from mm.modalities.base import llm_shape
+    from mm.modalities.image import build as build_image
+    from mm.prompts import encode, mark
+    from tests.helpers import tiny_llm
+
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(tmp_path / "a.png")
+    llm = tiny_llm()
+
+    def model(placement):
+        mod = build_image(llm_shape(llm.config), encoder=dict(preset="tiny", out_dim=32),
+                          adapter=dict(every=2, placement=placement))
+        return MultimodalLM(llm, {"image": mod})
+
+    rec = {"image": str(tmp_path / "a.png"), "question": "is there a red shape?", "text": "yes"}
+    kw = dict(types={"image": IMAGE}, tokenizer=tok, preprocess={})
+    late, plain = (make_sample(rec, model=model(p), **kw) for p in ("before_answer", "after_question"))
+    prompt = encode(tok, "is there a red shape?").ids
+    first_label = next(i for i, l in enumerate(late.labels) if l != -100)
+    assert late.ids == prompt + late.ids[len(prompt):] and late.labels == plain.labels
+    assert late.media["image"][0][1] == len(prompt) - 1 == first_label - 1
+    assert tok.decode(late.ids[late.media["image"][0][1]]) == "\n"  # the assistant header's last token
+    assert plain.media["image"][0][1] < len(prompt) - 4  # inside the user turn
+    marked = make_sample({**rec, "question": mark("image") + rec["question"]}, model=model("before_answer"), **kw)
+    assert marked.media["image"][0][1] < plain.media["image"][0][1]  # the marker's place: before the question
+    with pytest.raises(ValueError, match="placement must be one of"):
+        model("middle")
+    with pytest.raises(ValueError, match="placement must be one of"):
+        Modality(kind="tokens", encoder=torch.nn.Identity(), adapter=torch.nn.Identity(), llm_dim=8,
+                 placement="before_answer")
