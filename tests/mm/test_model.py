@@ -235,3 +235,29 @@ def test_prefix_cache_reuses_prompt_keys_values_with_the_same_loss_gradients_and
     assert len(full.rows) == 1
     model.prefix_cache = None
     del other
+
+
+def test_vit_custom_block_type_is_the_same_model_and_initialised_alike():
+    """``vit: {block_type: custom}`` (the demo's, faster on a CPU): open_clip's own attention
+    block holds the same parameters under the same names and computes the same outputs and
+    gradients as the default nn.MultiheadAttention block; its q/k/v weights are drawn like
+    nn.MultiheadAttention's (xavier uniform), not open_clip's larger randn scale."""
+    import math
+
+    from encoders.image import build_vit
+
+    torch.manual_seed(0)
+    plain = build_vit(preset="tiny", image_size=32, patch_size=4)
+    custom = build_vit(preset="tiny", image_size=32, patch_size=4, block_type="custom")
+    w = custom.transformer.resblocks[0].attn.in_proj_weight
+    bound = math.sqrt(6 / (w.shape[0] + w.shape[1]))  # xavier uniform
+    assert w.abs().max() <= bound and w.std() > 0.8 * bound / math.sqrt(3)
+    assert type(custom.transformer.resblocks[0]).__name__ == "CustomResidualAttentionBlock"
+    custom.load_state_dict(plain.state_dict())  # strict: the same names and shapes
+    x = torch.randn(3, 3, 32, 32)
+    a, b = plain(x), custom(x)
+    torch.testing.assert_close(a, b)
+    a.square().sum().backward()
+    b.square().sum().backward()
+    for (n, p), q in zip(plain.named_parameters(), custom.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, msg=n)
