@@ -11,6 +11,7 @@ output and the intermediate layers are concatenated ((L+1) * w per token) and pr
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 
@@ -55,10 +56,26 @@ def build_vit(*, preset: str = "tiny", image_size: int | None = None, **override
         # draws them (open_clip's block uses randn * head_dim**-0.5 for the q/k/v weights).
         with torch.no_grad():
             for blk in vit.transformer.resblocks:
+                blk.__class__ = _custom_block_class()
                 nn.init.xavier_uniform_(blk.attn.in_proj_weight)
                 nn.init.zeros_(blk.attn.in_proj_bias)
                 nn.init.zeros_(blk.attn.out_proj.bias)
     return vit
+
+
+@functools.cache
+def _custom_block_class():
+    from open_clip.transformer import CustomResidualAttentionBlock
+
+    class CustomBlock(CustomResidualAttentionBlock):
+        """open_clip's custom block, callable as its default block is: open_clip 3.3's
+        Transformer calls ``checkpoint(block, x, None, None, attn_mask)`` under activation
+        checkpointing for every block type, a signature only the default block takes."""
+
+        def forward(self, q_x, k_x=None, v_x=None, attn_mask=None):
+            return super().forward(q_x, attn_mask=attn_mask)
+
+    return CustomBlock
 
 
 def load_open_clip_visual(vit: nn.Module, path: str | Path) -> None:
