@@ -120,14 +120,17 @@ def test_contrastive_stage_runs(tmp_path, tiny_llm_dir, image_manifest):
 
 def test_activation_checkpointing_gives_the_same_losses(tmp_path, tiny_llm_dir, image_manifest):
     """Non-reentrant checkpointing of LLM layers, adapters and encoder blocks: same numbers."""
+    from mm.runs import _LLM_CACHE
+
     plain = train(_cfg(tmp_path, tiny_llm_dir, image_manifest, out="p", steps=3), progress=False)
-    ck = train(_cfg(tmp_path, tiny_llm_dir, image_manifest, out="k", steps=3,
-                    extra=["distributed.checkpointing=[llm, xattn, encoder]"]), progress=False)
+    try:
+        ck = train(_cfg(tmp_path, tiny_llm_dir, image_manifest, out="k", steps=3,
+                        extra=["distributed.checkpointing=[llm, xattn, encoder]"]), progress=False)
+    finally:
+        _LLM_CACHE.clear()  # checkpointing flags were set on that cached LLM object, pass or fail
     la = [json.loads(l)["loss"] for l in (plain / "metrics.jsonl").read_text().splitlines()]
     lb = [json.loads(l)["loss"] for l in (ck / "metrics.jsonl").read_text().splitlines()]
     assert la == pytest.approx(lb, rel=1e-4)
-    from mm.runs import _LLM_CACHE
-    _LLM_CACHE.clear()  # checkpointing flags were set on that cached LLM object
 
 
 def test_learning_rate_schedules():
