@@ -200,14 +200,10 @@ def train_mode(ours, peer, encoder_trainable: bool) -> None:
 
 
 def make_optimizer(params, device):
-    kw = dict(lr=1e-5, weight_decay=0.0)
-    for fused in (True, False):
-        try:
-            opt = torch.optim.AdamW(params, fused=fused, **kw)
-            return opt, fused
-        except (RuntimeError, TypeError, ValueError):
-            continue
-    return torch.optim.AdamW(params, **kw), False
+    from mm.train import adamw
+
+    opt = adamw(list(params), lr=1e-5, weight_decay=0.0)
+    return opt, bool(opt.defaults.get("fused"))
 
 
 # -- inputs --------------------------------------------------------------------------------

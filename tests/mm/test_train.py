@@ -145,3 +145,30 @@ def test_learning_rate_schedules():
     assert abs(f(110) - 0.1) < 1e-12 and abs(f(60) - 0.55) < 1e-12 and f(10) == 1.0
     cfg.optim.schedule = "constant"
     assert f(5) == 0.6 and f(60) == 1.0 and f(500) == 1.0
+
+
+def test_optimizer_is_fused_and_steps_like_the_default():
+    """The training loop's AdamW takes the fused kernel on CPU and moves the parameters as the
+    default implementation does (both parameter groups: weight decay, and the gates' own rate)."""
+    from mm.train import adamw
+
+    torch.manual_seed(0)
+    ours = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(7))]
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    start = [p.detach().clone() for p in ours]
+
+    def groups(ps):
+        return [{"params": ps[:1]}, {"params": ps[1:], "lr": 3e-2, "weight_decay": 0.0}]
+
+    fused = adamw(groups(ours), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
+    plain = torch.optim.AdamW(groups(ref), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
+    assert fused.defaults["fused"] and not plain.defaults["fused"]
+    for _ in range(5):
+        for p, q in zip(ours, ref):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        fused.step()
+        plain.step()
+    for p, q in zip(ours, ref):
+        torch.testing.assert_close(p, q)
+    assert all(not torch.allclose(p, s) for p, s in zip(ours, start))  # they moved
