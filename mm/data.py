@@ -183,8 +183,11 @@ def make_sample(rec: dict, *, model, types: dict, tokenizer, preprocess: dict, t
                 raise BadSample(f"{where}: {key!r} is not valid Unicode text (unpaired surrogate)") from None
     late: list[str] = []
     if "<|mm:" not in question:  # no marker: each modality's own placement
-        late = [n for n in present if model.modalities[n].placement == "before_answer" for _ in media[n]]
-        question = question + "".join(mark(n) for n in present if n not in late for _ in media[n])
+        where = {n: model.modalities[n].placement for n in present}
+        late = [n for n in present if where[n] == "before_answer" for _ in media[n]]
+        marks = {p: "".join(mark(n) for n in present if where[n] == p for _ in media[n])
+                 for p in ("before_question", "after_question")}
+        question = marks["before_question"] + question + marks["after_question"]
     enc = encode(tokenizer, question, text if train else None, media_tokens=counts, before_answer=late)
     placed: dict[str, list] = {n: [] for n in media}
     for name, pos in enc.media:

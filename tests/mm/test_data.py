@@ -157,7 +157,8 @@ def test_easy_vqa_fit_and_val_split_train_by_image():
 def test_placement_before_answer_sees_media_from_the_last_prompt_token(smollm2_dir, tmp_path):
     """``placement: before_answer``: same tokens as the plain prompt, the image at the token
     that predicts the answer's first token; a marker in the question still wins; the model
-    carries the placement, so training samples and inference prompts agree."""
+    carries the placement, so training samples and inference prompts agree. ``before_question``
+    is the prompt with the marker written in front of the question."""
     from transformers import AutoTokenizer
 
     from mm.data import make_sample
@@ -189,6 +190,9 @@ def test_placement_before_answer_sees_media_from_the_last_prompt_token(smollm2_d
     assert plain.media["image"][0][1] < len(prompt) - 4  # inside the user turn
     marked = make_sample({**rec, "question": mark("image") + rec["question"]}, model=model("before_answer"), **kw)
     assert marked.media["image"][0][1] < plain.media["image"][0][1]  # the marker's place: before the question
+    first = make_sample(rec, model=model("before_question"), **kw)  # that place as the modality's own
+    assert (first.ids, first.labels, first.media["image"][0][1]) == (marked.ids, marked.labels, marked.media["image"][0][1])
+    assert tok.decode(first.ids[first.media["image"][0][1]:]).startswith("is there a red shape?")
     with pytest.raises(ValueError, match="placement must be one of"):
         model("middle")
     with pytest.raises(ValueError, match="placement must be one of"):

@@ -34,6 +34,22 @@ def test_stage_runs_and_reloads(tmp_path, tiny_llm_dir, image_manifest):
     gates = [p for n, p in model.modalities.named_parameters() if n.endswith("attn_gate")]
     assert any(float(g.detach().abs()) > 0 for g in gates)  # it trained
     assert not any(p.requires_grad for p in model.llm.parameters())
+    # model.json records each modality's placement; a copy of cross-attention blocks trained
+    # at another placement is named in one line (the training log's warning)
+    from mm.runs import placement_mismatches
+
+    saved = json.loads((out / "model" / "model.json").read_text())["modalities"]
+    assert saved["image"]["placement"] == model.modalities["image"].placement == "after_question"
+    copy = {"image.xattn.*.q_proj": "other.xattn.*.q_proj", "image.xattn.*.mlp": "other.xattn.*.mlp",
+            "image.encoder": "other.encoder"}
+    assert placement_mismatches(model, out, copy) == []  # out has no "other"
+    fake = tmp_path / "other_run"
+    (fake / "model").mkdir(parents=True)
+    for placed, expect in (("before_answer", 1), ("after_question", 0)):
+        (fake / "model" / "model.json").write_text(json.dumps({"modalities": {"other": {"placement": placed}}}))
+        lines = placement_mismatches(model, fake, copy)
+        assert len(lines) == expect
+        assert all("other media placed before_answer, but image is placed after_question" in l for l in lines)
 
 
 def test_resume_is_exact(tmp_path, tiny_llm_dir, image_manifest):
