@@ -10,19 +10,25 @@ from __future__ import annotations
 
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 
 import torch
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+INSTALLED_CONFIGS = Path("share") / "mm-frozen" / "configs"  # under sys.prefix (pyproject data-files)
 IMAGE_STAGES = ("image_encoder_pretrain", "image_adapter_pretrain", "image_anneal")
 
 
 def configs_dir() -> Path:
-    if not CONFIGS.is_dir():
-        raise FileNotFoundError(f"{CONFIGS}: configs folder not found (install with pip install -e .)")
-    return CONFIGS
+    """The repository's ``configs/`` (a checkout, or an editable install), else the copy that
+    a regular install puts under ``<sys.prefix>/share/mm-frozen/configs``."""
+    for d in (CONFIGS, Path(sys.prefix) / INSTALLED_CONFIGS):
+        if d.is_dir():
+            return d
+    raise FileNotFoundError(f"{CONFIGS}: configs folder not found, nor {Path(sys.prefix) / INSTALLED_CONFIGS} "
+                            "(install the package with pip from the repository)")
 
 
 def machine() -> str:

@@ -43,3 +43,27 @@ def test_unknown_keys_and_overrides(tmp_path):
         load_config(p)
     with pytest.raises(ConfigError, match="no such config"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_a_regular_install_carries_every_config(tmp_path, monkeypatch):
+    """configs/ is outside the packages: pyproject's data-files copy each of its YAMLs to
+    <prefix>/share/mm-frozen/configs, where configs_dir() looks when there is no checkout."""
+    import glob
+    import sys
+    import tomllib
+
+    import mm.demo as demo
+
+    root = Path(__file__).resolve().parents[2]
+    files = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["data-files"]
+    shipped = {str(Path(dest) / Path(f).name) for dest, pats in files.items()
+               for p in pats for f in glob.glob(str(root / p))}
+    wanted = {str(demo.INSTALLED_CONFIGS / p.relative_to(root / "configs")) for p in CONFIGS}
+    assert shipped == wanted
+    assert demo.configs_dir() == demo.CONFIGS  # a checkout uses its own folder
+    monkeypatch.setattr(demo, "CONFIGS", tmp_path / "no_checkout")
+    monkeypatch.setattr(sys, "prefix", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="configs folder not found"):
+        demo.configs_dir()
+    (tmp_path / demo.INSTALLED_CONFIGS / "demo").mkdir(parents=True)
+    assert demo.configs_dir() == tmp_path / demo.INSTALLED_CONFIGS
