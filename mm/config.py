@@ -50,6 +50,9 @@ class OptimConfig:
     min_lr_ratio: float = 0.0             # cosine ends at lr x this (a floor for the last steps)
     # zero-initialised tanh gates move by ~lr per Adam step; short runs raise their rate
     gate_lr_mult: float = 1.0
+    # PyTorch's fused AdamW kernel where it exists (mm.train.adamw); false: the default
+    # implementation (the same update, rounded differently)
+    fused: bool = True
 
 
 @dataclass
