@@ -29,10 +29,10 @@ class Modality(nn.Module):
         readout_blank: for ``"tokens"``, the vocabulary read-out (see :meth:`embed`): the
             token id that stands for "nothing here" (a CTC blank); None = no read-out.
         placement: where a prompt with no media marker puts this modality's items:
-            ``"after_question"`` (default: at the end of the user's text),
+            ``"after_question"`` (default: at the end of the user's text) or, for ``"xattn"``,
             ``"before_question"`` (in front of it, so every question token sees the media, as
-            in Llama 3's prompts) or, for ``"xattn"``, ``"before_answer"`` (at the prompt's last
-            token, after the chat template's assistant header). Training and inference read
+            in Llama 3's prompts) or ``"before_answer"`` (at the prompt's last token, after the
+            chat template's assistant header). Training and inference read
             it from the model, so they always agree; a marker written in the question wins.
     """
 
@@ -42,8 +42,8 @@ class Modality(nn.Module):
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"unknown modality kind {kind!r}; choose one of {KINDS}")
-        if placement not in PLACEMENTS or (kind == "tokens" and placement == "before_answer"):
-            raise ValueError(f"placement must be one of {PLACEMENTS} (token-embedding media: not before_answer), "
+        if placement not in PLACEMENTS or (kind == "tokens" and placement != "after_question"):
+            raise ValueError(f"placement must be one of {PLACEMENTS} (token-embedding media: after_question), "
                              f"not {placement!r}")
         self.kind = kind
         self.placement = placement

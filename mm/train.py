@@ -43,7 +43,6 @@ def _lr_lambda(cfg: RunConfig):
     return f
 
 
-
 def adamw(params, *, fused: bool = True, **kw) -> torch.optim.AdamW:
     """AdamW, fused where the parameters have a fused kernel (CPU and CUDA tensors in torch
     2.11): one pass over all tensors instead of a loop of small ops for each. A step over
@@ -55,6 +54,7 @@ def adamw(params, *, fused: bool = True, **kw) -> torch.optim.AdamW:
         except (RuntimeError, TypeError, ValueError):
             pass
     return torch.optim.AdamW(params, **kw)
+
 
 def _trainable_params(model, objective) -> dict[str, torch.Tensor]:
     out = {f"modalities.{n}": p for n, p in model.modalities.named_parameters() if p.requires_grad}
