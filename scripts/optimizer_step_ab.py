@@ -19,6 +19,7 @@ from mm.config import load_config
 from mm.demo import configs_dir
 from mm.objectives import get_objective
 from mm.runs import build_model
+from mm.train import adamw
 from mm.trainable import set_trainable
 
 STAGES = ("image_encoder_pretrain", "image_adapter_pretrain", "image_anneal", "video_adapter", "speech_adapter")
@@ -34,7 +35,7 @@ def main() -> None:
         params = [p for p in model.parameters() if p.requires_grad] + list(objective.modules.parameters())
         for p in params:
             p.grad = torch.randn_like(p) * 1e-3
-        opts = {fused: torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01, fused=fused) for fused in (False, True)}
+        opts = {fused: adamw(params, fused=fused, lr=1e-4, weight_decay=0.01) for fused in (False, True)}
         times: dict[bool, list[float]] = {False: [], True: []}
         for _ in range(16):
             for fused, opt in opts.items():
