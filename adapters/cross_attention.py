@@ -29,7 +29,7 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x: torch.Tensor, linear=None) -> torch.Tensor:
-        lin = linear or _call
+        lin = _call if linear is None else linear
         return lin(self.down_proj, F.silu(lin(self.gate_proj, x)) * lin(self.up_proj, x))
 
 
@@ -105,7 +105,7 @@ class GatedCrossAttention(nn.Module):
             attn_mask = (mask | ~has_media[..., None])[:, None]  # (b, 1, t, m)
             row = has_media[..., None].to(x.dtype)  # (b, t, 1)
 
-        lin = linear or _call
+        lin = _call if linear is None else linear
         q = lin(self.q_proj, self.attn_norm(x)).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
         q = self.q_norm(q)  # (b, h, t, c)
         a = self.attend(q, k, v, attn_mask)  # (b, t, h * c)

@@ -1,5 +1,9 @@
 """The benchmark's pieces: FLOP counting, fused loss, cross-attention fast paths, fast decoding."""
 
+import os
+import shutil
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -196,6 +200,49 @@ def test_cpu_decode_product_orders_give_the_reference_tokens(family):
         with torch.no_grad():  # new LLM weights, written in place
             model.llm.get_output_embeddings().weight.mul_(-1.0)
     assert not torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None, reason="needs a C++ compiler")
+def test_compiled_cpu_decode_step_gives_the_reference_tokens():
+    """``compiled=True``: the CPU decoding step through torch.compile (C++), for several rows
+    ((W x^T)^T products, two images: full masks, end-of-sequence) and one row (packed copies)."""
+    model = tiny_image_mm(tiny_llm("llama"))
+    open_gates(model, 0.5)
+    ids, att = _left_padded()
+    media = image_media(3, 2, positions=torch.tensor([[2, 5], [4, 6], [1, 8]]))
+    one = image_media(1, positions=torch.tensor([[4]]))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="fast decode")  # a failed compile fails the test
+        ref = model.generate(ids, att, media={"image": media}, max_new_tokens=10, fast=False)
+        assert torch.equal(model.generate(ids, att, media={"image": media}, max_new_tokens=10, fast=True,
+                                          compiled=True), ref)
+        eos = [int(ref[1, 2]), int(ref[0, 4]), int(ref[2, 1])]
+        assert torch.equal(model.generate(ids, att, media={"image": media}, max_new_tokens=10, eos_token_id=eos,
+                                          fast=True, compiled=True),
+                           model.generate(ids, att, media={"image": media}, max_new_tokens=10, eos_token_id=eos,
+                                          fast=False))
+        assert torch.equal(model.generate(ids[1:2], att[1:2], media={"image": one}, max_new_tokens=10, fast=True,
+                                          compiled=True),
+                           model.generate(ids[1:2], att[1:2], media={"image": one}, max_new_tokens=10, fast=False))
+
+
+def test_compiled_decode_step_falls_back_with_a_warning(monkeypatch):
+    import mm.fast_decode as fd
+
+    def broken_compile(fn, **kw):
+        def run(*a):
+            raise RuntimeError("no compiler here\nmore lines")
+        return run
+
+    monkeypatch.setattr(fd.torch, "compile", broken_compile)
+    model = tiny_image_mm(tiny_llm("llama"))
+    open_gates(model, 0.5)
+    ids, att = _left_padded()
+    media = image_media(3, positions=torch.tensor([[2], [4], [4]]))
+    ref = model.generate(ids, att, media={"image": media}, max_new_tokens=6, fast=False)
+    with pytest.warns(UserWarning, match="compiling the step failed .RuntimeError: no compiler here.; decoding"):
+        out = model.generate(ids, att, media={"image": media}, max_new_tokens=6, fast=True, compiled=True)
+    assert torch.equal(out, ref)
 
 
 def test_fast_decode_falls_back_for_other_families():
