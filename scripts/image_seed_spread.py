@@ -7,7 +7,8 @@ scored on ``val`` with VQA broken down by kind of question.
         --anneal optim.lr=1e-3 --name anneal_1e-3
 
 Seed s adds 10 s to each LM stage's configured seed. The contrastive encoder stage runs once
-(as configured) and is shared; ``--adapter`` / ``--anneal``
+(as configured) and is shared, or, with ``--encoder`` overrides (given to all three stages,
+e.g. the encoder's tile size), once for the variant; ``--adapter`` / ``--anneal``
 take config overrides for the two LM stages; a variant that changes only the anneal reuses
 the adapter stage of ``--reuse NAME`` (an earlier variant in the same ``--out``). Each
 seed's result is a JSON line on stdout and in ``OUT/results.jsonl``.
@@ -67,6 +68,8 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--name", default="demo", help="this variant's name (a folder under --out)")
+    ap.add_argument("--encoder", nargs="*", default=[],
+                    help="overrides for all three stages; the variant then trains its own encoder")
     ap.add_argument("--adapter", nargs="*", default=[], help="overrides for image_adapter_pretrain")
     ap.add_argument("--anneal", nargs="*", default=[], help="overrides for image_anneal")
     ap.add_argument("--reuse", help="take the adapter stage of this earlier variant")
@@ -76,15 +79,16 @@ def main() -> None:
     a = ap.parse_args()
     out = Path(a.out)
     encoder_stage, adapter_stage, anneal_stage = IMAGE_STAGES
-    encoder = out / encoder_stage
+    encoder = out / a.name / encoder_stage if a.encoder else out / encoder_stage
     if not (encoder / "model").exists():
-        cfg = load_config(configs_dir() / "demo" / f"{encoder_stage}.yaml", [f"out={encoder}"])
+        cfg = load_config(configs_dir() / "demo" / f"{encoder_stage}.yaml", [f"out={encoder}"] + a.encoder)
         cfg.data.sources = fit_sources(cfg)
         train(cfg, progress=False)
     for seed in a.seeds:
         run = out / a.name / f"seed{seed}"
-        prev, seconds, res = encoder, {}, {"name": a.name, "seed": seed, "adapter": a.adapter, "anneal": a.anneal}
-        stages = [(adapter_stage, a.adapter), (anneal_stage, a.anneal)]
+        prev, seconds, res = encoder, {}, {"name": a.name, "seed": seed, "encoder": a.encoder, "adapter": a.adapter,
+                                           "anneal": a.anneal}
+        stages = [(adapter_stage, a.encoder + a.adapter), (anneal_stage, a.encoder + a.anneal)]
         if a.reuse:
             prev, stages = out / a.reuse / f"seed{seed}" / adapter_stage, stages[1:]
         for stage, overrides in stages:
