@@ -457,7 +457,7 @@ def run_bench(s: Shapes, device, *, log=None, compile_pass: bool = False, deadli
     cpu_side = device.type == "cpu"
     # CPU: the fast path and its compiled step are opt-in, so opt in (a GPU captures the step
     # as a CUDA graph instead); the uncompiled and the reference paths are timed for the record
-    fast = None if not cpu_side else True
+    fast = True if cpu_side else None
     for b in s.gen_batches:
         g = inputs(s, b, s.gen_prompt, device, dtype, seed=1)
         out = {}

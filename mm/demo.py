@@ -31,6 +31,14 @@ def configs_dir() -> Path:
                             "(install the package with pip from the repository)")
 
 
+def demo_config(stage: str, overrides=()):
+    """The resolved config of one of the demo's stages (``configs/demo/STAGE.yaml``) with
+    dotted overrides."""
+    from mm.config import load_config
+
+    return load_config(configs_dir() / "demo" / f"{stage}.yaml", list(overrides))
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:
@@ -44,7 +52,6 @@ def machine() -> str:
 
 
 def run_image(out: Path, *, fast: bool, llm_spec: str, seed: int = 0) -> dict:
-    from mm.config import load_config
     from mm.evaluate import evaluate
     from mm.runs import load_run
     from mm.train import train
@@ -57,7 +64,7 @@ def run_image(out: Path, *, fast: bool, llm_spec: str, seed: int = 0) -> dict:
             ov.append(f"init_from={prev}")
         if fast:
             ov += ["optim.steps=3", "optim.warmup_steps=1", "optim.batch_size=4"]
-        cfg = load_config(configs_dir() / "demo" / f"{stage}.yaml", ov)
+        cfg = demo_config(stage, ov)
         cfg.seed += seed
         t = time.time()
         print(f"[image] {stage}: training {cfg.optim.steps} steps ...", flush=True)

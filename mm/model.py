@@ -604,7 +604,7 @@ class MultimodalLM(nn.Module):
         a GPU); ``None`` (default): on CUDA when the LLM supports it. Same tokens up to
         floating-point rounding. ``compiled``: on a CPU, the fast path's decoding step
         compiled by torch.compile, once per batch and cache shape (~25-40 s on 2 cores the
-        first time; then ~30% faster per token at one row; :mod:`mm.fast_decode`)."""
+        first time; then ~40% less time per call at the bench's CPU shapes; :mod:`mm.fast_decode`)."""
         eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
         b = input_ids.shape[0]
         if use_cache and fast is not False and (fast or input_ids.is_cuda):

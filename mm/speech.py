@@ -437,8 +437,7 @@ def run_speech_demo(out_dir: Path, *, llm_spec: str = "smollm2", fast: bool = Fa
     voices (and held-out questions). Returns the metrics, also written to
     ``out_dir/speech_metrics.json``. ``fast``: a few steps and items (a smoke test)."""
     from mm.checkpoint import atomic_write_text
-    from mm.config import load_config
-    from mm.demo import configs_dir
+    from mm.demo import demo_config
     from mm.runs import load_run
     from mm.train import train
 
@@ -448,9 +447,8 @@ def run_speech_demo(out_dir: Path, *, llm_spec: str = "smollm2", fast: bool = Fa
     common = [f"model.llm={llm_spec}"]
     small = ["optim.steps=3", "optim.warmup_steps=1", "log_every=1"] if fast else []
     small_ad = ["extra.ctc_only_steps=1"] if fast else []
-    pre = load_config(configs_dir() / "demo" / "speech_encoder_pretrain.yaml",
-                      common + small + [f"out={runs['speech_encoder_pretrain']}"])
-    ad = load_config(configs_dir() / "demo" / "speech_adapter.yaml",
+    pre = demo_config("speech_encoder_pretrain", common + small + [f"out={runs['speech_encoder_pretrain']}"])
+    ad = demo_config("speech_adapter",
                      common + small + small_ad + [f"out={runs['speech_adapter']}", f"init_from={runs['speech_encoder_pretrain']}"])
     for cfg in (pre, ad):
         cfg.seed += seed  # the training seeds only: the utterances stay the same

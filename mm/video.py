@@ -24,14 +24,13 @@ def demo_config(out_dir: Path, *, image_run: Path, llm_spec: str = "smollm2", fa
     ``init``: ``image`` (video blocks start as copies of the image blocks at the same layers,
     gates still zero; the config's default) or ``fresh`` (new blocks).
     """
-    from mm.config import load_config
-    from mm.demo import configs_dir
+    from mm.demo import demo_config
 
     out_dir = Path(out_dir)
     ov = [f"out={out_dir / STAGE}", f"init_from={image_run}", f"model.llm={llm_spec}"]
     if fast:
         ov += ["optim.steps=3", "optim.warmup_steps=1", "optim.batch_size=4"]
-    cfg = load_config(configs_dir() / "demo" / f"{STAGE}.yaml", ov + list(overrides))
+    cfg = demo_config(STAGE, ov + list(overrides))
     data = str(out_dir / "data")
     shrink = {"n": 16} if fast else {}
     cfg.data.sources = [dict(s, root=data, **shrink) for s in cfg.data.sources]

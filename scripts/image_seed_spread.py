@@ -23,9 +23,8 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from mm.config import load_config
 from mm.data import load_source
-from mm.demo import IMAGE_STAGES, configs_dir
+from mm.demo import IMAGE_STAGES, demo_config
 from mm.infer import answer_records, exact_match
 from mm.runs import load_run
 from mm.sources.easy_vqa import COLORS
@@ -81,7 +80,7 @@ def main() -> None:
     encoder_stage, adapter_stage, anneal_stage = IMAGE_STAGES
     encoder = out / a.name / encoder_stage if a.encoder else out / encoder_stage
     if not (encoder / "model").exists():
-        cfg = load_config(configs_dir() / "demo" / f"{encoder_stage}.yaml", [f"out={encoder}"] + a.encoder)
+        cfg = demo_config(encoder_stage, [f"out={encoder}"] + a.encoder)
         cfg.data.sources = fit_sources(cfg)
         train(cfg, progress=False)
     for seed in a.seeds:
@@ -92,7 +91,7 @@ def main() -> None:
         if a.reuse:
             prev, stages = out / a.reuse / f"seed{seed}" / adapter_stage, stages[1:]
         for stage, overrides in stages:
-            cfg = load_config(configs_dir() / "demo" / f"{stage}.yaml", [f"out={run / stage}", f"init_from={prev}"] + overrides)
+            cfg = demo_config(stage, [f"out={run / stage}", f"init_from={prev}"] + overrides)
             cfg.seed += 10 * seed  # seed s: 10 s added to each stage's own seed
             cfg.data.sources = fit_sources(cfg)
             t = time.time()

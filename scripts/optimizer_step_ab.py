@@ -15,8 +15,7 @@ import time
 
 import torch
 
-from mm.config import load_config
-from mm.demo import configs_dir
+from mm.demo import demo_config
 from mm.objectives import get_objective
 from mm.runs import build_model
 from mm.train import adamw
@@ -28,7 +27,7 @@ STAGES = ("image_encoder_pretrain", "image_adapter_pretrain", "image_anneal", "v
 def main() -> None:
     torch.set_num_threads(2)
     for stage in STAGES:
-        cfg = load_config(configs_dir() / "demo" / f"{stage}.yaml", ["init_from=null", f"out=/tmp/optimizer_step_ab/{stage}"])
+        cfg = demo_config(stage, ["init_from=null", f"out=/tmp/optimizer_step_ab/{stage}"])
         model, llm, types = build_model(cfg.model)
         set_trainable(model, cfg.trainable)
         objective = get_objective(cfg.objective)(cfg, model, types, llm.tokenizer)

@@ -19,9 +19,8 @@ import json
 import random
 from pathlib import Path
 
-from mm.config import load_config
 from mm.data import load_source
-from mm.demo import configs_dir
+from mm.demo import demo_config
 from mm.infer import answer_records, exact_match
 from mm.runs import load_run
 from mm.sources.easy_vqa import COLORS, records
@@ -52,7 +51,7 @@ def main() -> None:
     for split in ("fit", "val"):
         write_manifest(split, out / f"{split}.jsonl")
     for media in ("after", "before"):
-        cfg = load_config(configs_dir() / "demo" / "image_anneal.yaml",
+        cfg = demo_config("image_anneal",
                           [f"out={out / media}", f"init_from={a.init}", f"optim.steps={a.steps}",
                            f"optim.warmup_steps={min(5, a.steps)}",
                            # the settings it was run with: 1e-3, and "after" is the end of the
