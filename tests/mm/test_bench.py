@@ -67,6 +67,11 @@ def test_fused_cross_entropy_matches_plain():
     big[0, 0] = 200.0
     one = linear_cross_entropy(big, torch.eye(50, dtype=torch.float64), torch.tensor([3]))
     torch.testing.assert_close(one, F.cross_entropy(big, torch.tensor([3]), reduction="sum").float())
+    # ... also beside rows that do not underflow, in one chunk
+    mixed = torch.cat([big, torch.randn(3, 50, generator=g, dtype=torch.float64)])
+    tm = torch.tensor([3, 1, 2, 3])
+    torch.testing.assert_close(linear_cross_entropy(mixed, torch.eye(50, dtype=torch.float64), tm),
+                               F.cross_entropy(mixed, tm, reduction="sum").float())
 
 
 def test_model_loss_uses_fused_path_and_matches_plain(monkeypatch):
