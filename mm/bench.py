@@ -22,7 +22,6 @@ pass when the run is already older than the deadline.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import gc
 import json
@@ -327,41 +326,6 @@ def alternate(clock: Clock, fns: dict, warmup: int, timed: int, log=None, cpu: d
     return times
 
 
-# -- regional torch.compile (optional) -------------------------------------------------------
-@contextlib.contextmanager
-def compiled_regions(model):
-    """Compile the repeated blocks of ``model`` (decoder layers, cross-attention blocks,
-    ViT blocks, gated blocks) one by one; undone on exit (the modules are left as found)."""
-    mods = list(model.layers)
-    for mod in model.modalities.values():
-        if mod.kind == "xattn":
-            mods += list(mod.xattn.values())
-        enc = getattr(mod, "encoder", None)
-        if enc is not None and hasattr(enc, "vit"):
-            mods += list(enc.vit.transformer.resblocks) + list(enc.blocks)
-    from mm.model import MEDIA_KWARG
-
-    media_kw = getattr(model, "_media_kw", MEDIA_KWARG)
-
-    def wrap(fn):
-        compiled = torch.compile(fn, dynamic=False)
-
-        def forward(*args, **kwargs):
-            # media reach every layer as a kwarg (the hooks have used them): left in, dynamo
-            # would guard on them and recompile at every step
-            kwargs.pop(media_kw, None)
-            return compiled(*args, **kwargs)
-        return forward
-
-    for m in mods:
-        m.forward = wrap(m.forward)
-    try:
-        yield
-    finally:
-        for m in mods:
-            del m.forward
-
-
 # -- the benchmark -------------------------------------------------------------------------
 def peak_flops(device) -> tuple[float | None, str]:
     if device.type == "cuda":
@@ -519,7 +483,9 @@ def run_bench(s: Shapes, device, *, log=None, compile_pass: bool = False, deadli
         if deadline is not None and time.perf_counter() - start > deadline:
             res["notes"].append("compile pass skipped: past the deadline")
         else:
-            with compiled_regions(ours):
+            from mm.compile import compiled_blocks
+
+            with compiled_blocks(ours, dynamic=False):
                 for mode in ("frozen", "trainable"):
                     enc_tr = mode == "trainable"
                     train_mode(ours, None, enc_tr)

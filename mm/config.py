@@ -91,6 +91,8 @@ class RunConfig:
     threads: int = 0                      # torch threads; 0 = torch's default
     trunk_cache: int = 0                  # rows of frozen lower-layer states reused (mm.model.TrunkCache); 0 = off
     prefix_cache: int = 0                 # text-only prompt prefixes whose keys/values are reused (mm.model.PrefixCache); 0 = off
+    compile: bool = False                 # torch.compile each repeated block (mm.compile); single process
+    compile_backend: str = "inductor"     # torch.compile's backend for `compile`
     device: str | None = None             # cpu, cuda, cuda:1 ...; default: cuda if available
     distributed: DistConfig = field(default_factory=DistConfig)
     extra: dict[str, Any] = field(default_factory=dict)  # objective-specific options

@@ -7,6 +7,7 @@ checked at every checkpoint and at the end.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -200,6 +201,12 @@ def train(cfg: RunConfig, *, progress: bool = True, stop_after: int | None = Non
     if d.main:
         for line in describe(model):
             log.info(line)
+    compiled = contextlib.ExitStack()
+    if cfg.compile:
+        if d.enabled or cfg.distributed.fsdp_single_process:
+            raise ValueError(f"{out}: compile: true is for single-process training (not with FSDP2 yet)")
+        from mm.compile import compiled_blocks
+        compiled.enter_context(compiled_blocks(model, backend=cfg.compile_backend))
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad] + \
         list(objective.modules.named_parameters())
     params = [p for _, p in named]
@@ -225,7 +232,7 @@ def train(cfg: RunConfig, *, progress: bool = True, stop_after: int | None = Non
     step = start
     window_t, window_samples, window_tokens = time.time(), 0, 0
     last = {}
-    with open(metrics_path if d.main else os.devnull, "a", encoding="utf-8") as mf:
+    with compiled, open(metrics_path if d.main else os.devnull, "a", encoding="utf-8") as mf:
         while step < cfg.optim.steps:
             batch = objective.batch(step)
             if hasattr(batch, "to"):

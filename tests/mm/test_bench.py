@@ -317,34 +317,3 @@ def test_bench_micro_runs():
         assert r["ours"] > 0 and r["peer"] > 0 and r["ratio"] > 0
     assert res["train"]["frozen"]["flops"]["encoder"] < res["train"]["trainable"]["flops"]["encoder"]
     assert "peer/ours" in format_table(res)
-
-
-@pytest.mark.slow
-def test_compiled_regions_match_eager_without_recompiling():
-    """The bench's regional torch.compile pass: same loss and gradients, no recompile per step."""
-    import torch._dynamo
-
-    from mm.bench import SHAPES, build_ours, compiled_regions, inputs, set_trainable_ours
-
-    s = SHAPES["micro"]
-    model = build_ours(s, torch.device("cpu"), torch.float32)
-    open_gates(model, 0.5)
-    x = inputs(s, s.train_batch, s.train_len, torch.device("cpu"), torch.float32)
-    params = set_trainable_ours(model, False)
-    model.train()
-
-    def loss_grads():
-        loss = model.loss(x["ids"], x["ids"], attention_mask=x["att"], media=x["media"])
-        return loss, [g for g in torch.autograd.grad(loss, params, allow_unused=True) if g is not None]
-
-    ref, gref = loss_grads()
-    torch._dynamo.reset()
-    with compiled_regions(model):
-        loss_grads()
-        frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-        out, gout = loss_grads()
-        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == frames  # nothing recompiled
-    assert all("forward" not in m.__dict__ for m in model.layers)
-    torch.testing.assert_close(out, ref)
-    for a, b in zip(gout, gref):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

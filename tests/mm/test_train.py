@@ -149,6 +149,23 @@ def test_activation_checkpointing_gives_the_same_losses(tmp_path, tiny_llm_dir, 
     assert la == pytest.approx(lb, rel=1e-4)
 
 
+def test_compiled_blocks_give_the_same_losses(tmp_path, tiny_llm_dir, image_manifest):
+    """``compile: true`` (aot_eager here: no C++ compiler needed) trains to the same losses,
+    the text weights unchanged, and leaves the cached LLM's layers uncompiled."""
+    from mm.runs import _LLM_CACHE
+
+    plain = train(_cfg(tmp_path, tiny_llm_dir, image_manifest, out="p", steps=3), progress=False)
+    comp = train(_cfg(tmp_path, tiny_llm_dir, image_manifest, out="c", steps=3,
+                      extra=["compile=true", "compile_backend=aot_eager"]), progress=False)
+    la = [json.loads(l)["loss"] for l in (plain / "metrics.jsonl").read_text().splitlines()]
+    lb = [json.loads(l)["loss"] for l in (comp / "metrics.jsonl").read_text().splitlines()]
+    assert la == pytest.approx(lb, rel=1e-5)
+    assert json.loads((comp / "summary.json").read_text())["text_weights_unchanged"]
+    assert _LLM_CACHE
+    for llm in _LLM_CACHE.values():
+        assert not any("forward" in m.__dict__ for m in llm.model.modules())
+
+
 def test_learning_rate_schedules():
     from mm.config import RunConfig
     from mm.train import _lr_lambda
