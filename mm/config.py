@@ -159,21 +159,51 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+def _deep_merge(base: dict, over: dict) -> dict:
+    """``over`` on top of ``base``: mappings merge key by key, anything else replaces."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _read_yaml(path: Path, chain: tuple = ()) -> dict:
+    """A config file as a dict, with its ``include:`` files (paths relative to it, merged in
+    order, the file's own keys last) resolved."""
+    if not path.exists():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    inc = data.pop("include", None) or []
+    if isinstance(inc, str):
+        inc = [inc]
+    if not isinstance(inc, list) or not all(isinstance(i, str) for i in inc):
+        raise ConfigError(f"{path}: include must be a file name or a list of them")
+    here = path.resolve()
+    base: dict = {}
+    for rel in inc:
+        sub = (path.parent / rel).resolve()
+        if sub in chain or sub == here:
+            raise ConfigError(f"{path}: include {rel} includes itself")
+        if not sub.exists():
+            raise ConfigError(f"{path}: include {rel}: no such file")
+        base = _deep_merge(base, _read_yaml(sub, chain + (here,)))
+    return _deep_merge(base, data)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
-    """Defaults <- YAML file <- dotted overrides, validated against the schema."""
+    """Defaults <- YAML file (after the files it includes) <- dotted overrides, validated
+    against the schema."""
     data: dict = {}
     where = "config"
     if path is not None:
         path = Path(path)
         where = str(path)
-        if not path.exists():
-            raise ConfigError(f"{path}: no such config file")
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except (yaml.YAMLError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: top level must be a mapping")
+        data = _read_yaml(path)
     data = apply_overrides(data, list(overrides))
     return _merge(RunConfig, RunConfig(), data, where)
 

@@ -9,12 +9,19 @@ from mm.config import ConfigError, load_config
 from mm.modalities import get_type, llm_shape
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").rglob("*.yaml"))
+# parts other configs include (not runnable on their own)
+INCLUDED = {f for p in CONFIGS for line in p.read_text().splitlines()
+            if line.startswith("include:") for f in [line.split(":", 1)[1].split("#")[0].strip()]}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(p.parents[1])))
 def test_config_instantiates(path, smollm2_dir):
     first = path.read_text().splitlines()[0]
-    assert first.startswith("# mm ") or first.startswith("# torchrun"), f"{path} must start with the command that runs it"
+    if path.name not in INCLUDED:
+        assert first.startswith("# mm ") or first.startswith("# torchrun"), \
+            f"{path} must start with the command that runs it"
+    else:
+        assert first.startswith("# included by"), f"{path} must say which configs include it"
     cfg = load_config(path)
     import transformers
     llm_cfg = transformers.AutoConfig.from_pretrained(smollm2_dir) if cfg.model.llm == "smollm2" else \
@@ -43,6 +50,23 @@ def test_unknown_keys_and_overrides(tmp_path):
         load_config(p)
     with pytest.raises(ConfigError, match="no such config"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_include_merges_files_in_order(tmp_path):
+    (tmp_path / "base.yaml").write_text("optim: {lr: 0.1, steps: 7}\nmodel: {modalities: {image: {adapter: {every: 2}}}}\n")
+    (tmp_path / "more.yaml").write_text("optim: {steps: 9}\n")
+    (tmp_path / "run.yaml").write_text(
+        "include: [base.yaml, more.yaml]\noptim: {lr: 0.5}\nmodel: {modalities: {image: {encoder: {preset: tiny}}}}\n")
+    cfg = load_config(tmp_path / "run.yaml", ["optim.batch_size=3"])
+    assert (cfg.optim.lr, cfg.optim.steps, cfg.optim.batch_size) == (0.5, 9, 3)  # the file's own keys win
+    assert cfg.model.modalities["image"] == {"adapter": {"every": 2}, "encoder": {"preset": "tiny"}}
+    (tmp_path / "loop.yaml").write_text("include: loop2.yaml\n")
+    (tmp_path / "loop2.yaml").write_text("include: loop.yaml\n")
+    with pytest.raises(ConfigError, match="loop2.yaml: include loop.yaml includes itself"):
+        load_config(tmp_path / "loop.yaml")
+    (tmp_path / "bad.yaml").write_text("include: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match="bad.yaml: include nowhere.yaml: no such file"):
+        load_config(tmp_path / "bad.yaml")
 
 
 def test_a_regular_install_carries_every_config(tmp_path, monkeypatch):
