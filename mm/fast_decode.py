@@ -25,6 +25,8 @@ floating-point rounding (attention over L masked columns instead of t).
 from __future__ import annotations
 
 import os
+import statistics
+import time
 import warnings
 import weakref
 
@@ -33,8 +35,11 @@ import torch.nn.functional as F
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
 EOS_CHECK_EVERY = 8  # decoding steps between host checks for all-rows-finished
-# CPU product orders for decoding (see PackedWeights); MM_DECODE_CPU_LAYOUT=0 turns them off
-CPU_LAYOUT = os.environ.get("MM_DECODE_CPU_LAYOUT", "1") != "0"
+# CPU product orders for decoding (see choose_orders): "measure" (default) times them once per
+# shape on this machine; "0" uses the modules' own; "packed", "wxt" or "linear" force one
+CPU_LAYOUT = os.environ.get("MM_DECODE_CPU_LAYOUT", "measure")
+ORDERS = ("linear", "wxt")  # an nn.Linear's x W^T, or (W x^T)^T on the same weight
+PACKED_ROLES = ("qkv", "gate_up", "head")  # products that may use the (in, out) copies
 
 _decoders: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
@@ -80,21 +85,20 @@ def _cache_kv(cache, i: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class PackedWeights:
-    """Decode-time copies of the frozen LLM's widening projections for one row on a CPU:
-    q/k/v and gate/up concatenated, and the LM head, laid out (in, out).
+    """Decode-time copies of the frozen LLM's widening projections for a CPU: q/k/v and
+    gate/up concatenated, and the LM head, laid out (in, out).
 
     Why: a decoding step multiplies a few rows by every weight matrix, so on a CPU it is
-    bound by how fast the weights stream from memory, and how fast they stream depends on
-    the product order the BLAS library is given. Measured with MKL on the development machine
-    (AMD EPYC, 2 threads, weights out of cache), a 32000 x 256 LM head:
-    one row ``x @ W.T`` (nn.Linear's order) 3.3-4.7 ms, ``x @ W_in_out`` 1.2-1.9 ms;
-    four rows ``x @ W.T`` 7.3-7.9 ms, ``(W @ x.T).T`` 2.4 ms (and ``x @ W_in_out`` 5.9 ms).
-    So one row uses these copies (a whole decoding step 15.8 -> 11.3 ms at the bench's CPU
-    shapes) and several rows use ``(W @ x.T).T`` on the LLM's own weights, which needs no copy
-    (23.7 -> 13.4 ms a step at four rows). The narrowing projections (o, down: out <= in) run
-    as fast or faster in nn.Linear's order, so they are not copied. The copies (about two
-    thirds of the layers' weights, and the head) are built on the first one-row call; the
-    LLM is frozen, so they cannot go stale, and they are rebuilt if its weights are replaced.
+    bound by how fast the weights stream through the cores, and that depends on the product
+    order the BLAS library is given, differently on different CPUs. With MKL and 2 threads, a
+    32000 x 256 LM head: on an AMD EPYC (weights out of cache) one row ``x @ W.T``
+    (nn.Linear's order) 3.3-4.7 ms, ``x @ W_in_out`` 1.2-1.9 ms; four rows ``x @ W.T``
+    7.3-7.9 ms, ``(W @ x.T).T`` 2.4 ms, ``x @ W_in_out`` 5.9 ms. On an Intel Xeon with
+    AVX-512 four rows take 1.6, 2.0 and 1.3 ms, and ``(W @ x.T).T`` is 2-4x slower than
+    nn.Linear on the layers' matrices. So the order is not fixed: :func:`choose_orders` times
+    them on the machine. The copies (about two thirds of the layers' weights, and the head)
+    are built on the first call that uses them; the LLM is frozen, so they cannot go stale,
+    and they are rebuilt if its weights are replaced.
     """
 
     def __init__(self, model):
@@ -122,6 +126,78 @@ def _packed_mm(x: torch.Tensor, weight_bias) -> torch.Tensor:
 
 
 _packs: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_orders: dict = {}  # (rows, dtype, threads, shapes) -> choose_orders' result
+
+
+def _linear_in(order: str, lin: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``lin(x)`` for x (b, in) in the given product order."""
+    if order == "wxt":
+        y = torch.mm(lin.weight, x.t()).t()  # (b, out)
+        return y + lin.bias if lin.bias is not None else y
+    return F.linear(x, lin.weight, lin.bias)
+
+
+def _fastest(fns: dict, reps: int = 11) -> str:
+    """The key of the fastest callable (median of ``reps`` runs, taken in turns). Before each
+    run an 8 MB buffer is written, so the weights come from beyond the core's L2 cache, as in
+    a decoding step that streams all of them (timed hot, one matrix at a time, the orders
+    rank differently)."""
+    junk = torch.empty(2 << 20)
+    for f in fns.values():
+        f()
+    times: dict = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, f in fns.items():
+            junk.fill_(1.0)
+            t = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t)
+    return min(times, key=lambda k: statistics.median(times[k]))
+
+
+def choose_orders(model, rows: int) -> dict:
+    """The product orders a CPU decoding step with ``rows`` rows uses, timed on this machine
+    once per shape (well under a second at the bench's shapes) and kept for the process.
+
+    Returns ``{"by_shape": {(out, in): "linear" | "wxt"}, "packed": set of PACKED_ROLES}``:
+    every nn.Linear of the step runs in its shape's order, except the roles in ``packed``,
+    which use :class:`PackedWeights`' copies (one product for q/k/v, one for gate/up).
+    """
+    layer = model.layers[0]
+    at, mlp = layer.self_attn, layer.mlp
+    head = model.llm.get_output_embeddings()
+    roles = {"qkv": [at.q_proj, at.k_proj, at.v_proj], "gate_up": [mlp.gate_proj, mlp.up_proj], "head": [head]}
+    linears = [at.o_proj, mlp.down_proj, *sum(roles.values(), [])]
+    for mod in model.modalities.values():
+        if mod.kind == "xattn":
+            linears += [m for blk in mod.xattn.values() for m in blk.modules() if isinstance(m, torch.nn.Linear)]
+    shapes = {}
+    for lin in linears:
+        shapes.setdefault(tuple(lin.weight.shape), lin)
+    dtype = head.weight.dtype
+    key = (rows, dtype, torch.get_num_threads(), CPU_LAYOUT, tuple(sorted(shapes)))
+    if key in _orders:
+        return _orders[key]
+    forced = CPU_LAYOUT if CPU_LAYOUT in ("linear", "wxt", "packed") else None
+    with torch.no_grad():
+        by_shape = {}
+        for shape, lin in shapes.items():
+            x = torch.randn(rows, shape[1], dtype=dtype)
+            by_shape[shape] = (forced if forced in ORDERS else "linear" if forced else _fastest(
+                {o: (lambda o=o: _linear_in(o, lin, x)) for o in ORDERS}))
+        packed = set()
+        for role, lins in roles.items():
+            if forced:
+                if forced == "packed":
+                    packed.add(role)
+                continue
+            x = torch.randn(rows, lins[0].in_features, dtype=dtype)
+            copy = _in_out(*lins)
+            if _fastest({"packed": lambda: _packed_mm(x, copy),
+                         "apart": lambda: [_linear_in(by_shape[tuple(m.weight.shape)], m, x) for m in lins]}) == "packed":
+                packed.add(role)
+    _orders[key] = out = {"by_shape": by_shape, "packed": packed}
+    return out
 
 
 def packed_weights(model) -> PackedWeights:
@@ -149,10 +225,11 @@ class StaticDecoder:
     def __init__(self, model, *, batch: int, length: int, steps: int, media: list[tuple],
                  dtype: torch.dtype, device: torch.device, graph: bool, compiled: bool = False):
         self.model = model
-        # product order: the modules' own (GPU), packed copies (one row on a CPU), or
-        # (W x^T)^T (several rows on a CPU); see PackedWeights
-        self.cpu = device.type == "cpu" and CPU_LAYOUT
-        self.packed: PackedWeights | None = None  # set per call when self.cpu and batch == 1
+        # product orders: the modules' own (GPU); on a CPU the ones choose_orders measured
+        self.cpu = device.type == "cpu" and CPU_LAYOUT != "0"
+        self.orders = choose_orders(model, batch) if self.cpu else {"by_shape": {}, "packed": set()}
+        self.packs = self.orders["packed"]  # roles that use PackedWeights' copies
+        self.packed: PackedWeights | None = None  # set per call when self.packs is not empty
         cfg = model.llm.config
         self.b, self.L, self.n = batch, length, steps
         at = model.layers[0].self_attn
@@ -189,18 +266,17 @@ class StaticDecoder:
 
     # -- one decoding step on the static buffers ---------------------------------------
     def _linear(self, lin: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-        """``lin(x)`` for x (b, ..., in); on a CPU with several rows as (W x^T)^T, the
-        product order its BLAS runs fastest for a few rows (see PackedWeights)."""
-        if not self.cpu or self.b == 1:
+        """``lin(x)`` for x (b, ..., in) (one column per row); on a CPU in the product order
+        measured fastest for its shape (see choose_orders)."""
+        order = self.orders["by_shape"].get(tuple(lin.weight.shape), "linear") if self.cpu else None
+        if order is None:
             return lin(x)
-        y = torch.mm(lin.weight, x.reshape(self.b, -1).t()).t()  # (b, out)
-        y = y + lin.bias if lin.bias is not None else y
-        return y.view(*x.shape[:-1], -1)
+        return _linear_in(order, lin, x.reshape(self.b, -1)).view(*x.shape[:-1], -1)
 
     def _attention(self, layer, x: torch.Tensor, cos, sin, kc, vc, packed) -> torch.Tensor:
         at = layer.self_attn
         b, c, h, kh = self.b, self.c, self.h, self.kh
-        if packed is not None:  # one (d, (h + 2k) c) product
+        if packed is not None and "qkv" in self.packs:  # one (d, (h + 2k) c) product
             qkv = _packed_mm(x.view(b, -1), packed["qkv"])
             qk = qkv[:, : (h + kh) * c].view(b, h + kh, c)
             v = qkv[:, (h + kh) * c:].view(b, kh, 1, c)
@@ -219,10 +295,10 @@ class StaticDecoder:
 
     def _mlp(self, layer, x: torch.Tensor, packed) -> torch.Tensor:
         mlp = layer.mlp
-        if packed is not None:
+        if packed is not None and "gate_up" in self.packs:
             gu = _packed_mm(x.view(self.b, -1), packed["gate_up"])  # (b, 2f)
             g, u = gu.split(gu.shape[-1] // 2, dim=-1)
-            return mlp.down_proj(mlp.act_fn(g) * u).view(self.b, 1, -1)
+            return self._linear(mlp.down_proj, (mlp.act_fn(g) * u).view(self.b, 1, -1))
         return self._linear(mlp.down_proj, mlp.act_fn(self._linear(mlp.gate_proj, x)) * self._linear(mlp.up_proj, x))
 
     def _layer(self, layer, x: torch.Tensor, cos, sin, kc, vc, packed) -> torch.Tensor:
@@ -238,7 +314,7 @@ class StaticDecoder:
         return block(x, (k, v), mask, linear=self._linear)
 
     def _next_token(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None:
+        if self.packed is not None and "head" in self.packs:
             return _packed_mm(x, self.packed.head).argmax(-1)
         if not self.cpu:
             return self.model.logits(x).argmax(-1)
@@ -379,7 +455,7 @@ def _fast_generate(model, input_ids, attention_mask, *, media, max_new_tokens, e
     graph = input_ids.is_cuda if graph is None else graph
     sig = _media_signature(cross)
     compiled = compiled and not graph
-    key = (b, length, max_new_tokens, tuple(sig), h.dtype, str(h.device), graph, compiled,
+    key = (b, length, max_new_tokens, tuple(sig), h.dtype, str(h.device), graph, compiled, CPU_LAYOUT,
            tuple(p.data_ptr() for p in model.parameters()))
     per_model = _decoders.setdefault(model, {})
     dec = per_model.get(key)
@@ -389,7 +465,7 @@ def _fast_generate(model, input_ids, attention_mask, *, media, max_new_tokens, e
         dec = StaticDecoder(model, batch=b, length=length, steps=max_new_tokens, media=sig,
                             dtype=h.dtype, device=h.device, graph=graph, compiled=compiled)
         per_model[key] = dec
-    dec.packed = packed_weights(model) if dec.cpu and b == 1 else None
+    dec.packed = packed_weights(model) if dec.packs else None
     first = dec._next_token(h[:, -1])  # the first token through the decoder's product order too
     if eos and all(int(x) in eos for x in first):
         return model._finish(first[:, None], eos)

@@ -180,27 +180,35 @@ def test_fast_decode_equals_reference(family):
         assert torch.equal(ref_e, fast_e)
 
 
+@pytest.mark.parametrize("layout", ["measure", "packed", "wxt", "linear"])
 @pytest.mark.parametrize("family", ["llama", "qwen2"])  # qwen2: q/k/v projections with biases
-def test_cpu_decode_product_orders_give_the_reference_tokens(family):
-    """On a CPU, several rows decode with (W x^T)^T on the LLM's own weights and one row with
-    packed (in, out) copies; both give the reference path's tokens, and the copies follow
-    the LLM's weights when they are written in place."""
-    from mm.fast_decode import _packs
+def test_cpu_decode_product_orders_give_the_reference_tokens(family, layout, monkeypatch):
+    """On a CPU every product order the decoder may pick (packed (in, out) copies, (W x^T)^T,
+    nn.Linear's own; or the ones measured on this machine) gives the reference path's tokens
+    at several rows and at one, and the copies follow the LLM's weights when they are
+    written in place."""
+    import mm.fast_decode as fd
 
+    monkeypatch.setattr(fd, "CPU_LAYOUT", layout)
     model = tiny_image_mm(tiny_llm(family))
     open_gates(model, 0.5)
     ids, att = _left_padded()
     media = image_media(3, positions=torch.tensor([[2], [4], [4]]))
+    one = image_media(1, positions=torch.tensor([[4]]))
+    for rows in (3, 1):
+        orders = fd.choose_orders(model, rows)
+        assert set(orders["by_shape"].values()) <= set(fd.ORDERS) and orders["packed"] <= set(fd.PACKED_ROLES)
+        if layout != "measure":
+            assert orders["packed"] == (set(fd.PACKED_ROLES) if layout == "packed" else set())
+            assert set(orders["by_shape"].values()) == {"linear" if layout == "packed" else layout}
     ref = model.generate(ids, att, media={"image": media}, max_new_tokens=10, fast=False)
     assert torch.equal(model.generate(ids, att, media={"image": media}, max_new_tokens=10, fast=True), ref)
-    assert model not in _packs  # several rows need no copies
-    one = image_media(1, positions=torch.tensor([[4]]))
+    assert (model in fd._packs) == bool(fd.choose_orders(model, 3)["packed"])  # copies only when used
     outs = []
     for _ in range(2):
         ref1 = model.generate(ids[1:2], att[1:2], media={"image": one}, max_new_tokens=10, fast=False)
         assert torch.equal(model.generate(ids[1:2], att[1:2], media={"image": one}, max_new_tokens=10, fast=True),
                            ref1)
-        assert model in _packs
         outs.append(ref1)
         with torch.no_grad():  # new LLM weights, written in place
             model.llm.get_output_embeddings().weight.mul_(-1.0)
