@@ -74,6 +74,29 @@ def test_fused_cross_entropy_matches_plain():
                                F.cross_entropy(mixed, tm, reduction="sum").float())
 
 
+def test_fused_cross_entropy_keeps_no_subnormal_probabilities():
+    """A confident row's softmax is mostly subnormal floats, which x86 CPUs multiply on a
+    slow path: they are set to 0 (the loss and gradient barely move)."""
+    from mm.fused_ce import _probs, linear_cross_entropy
+
+    logits = torch.zeros(2, 1000)
+    logits[:, 0] = 95.0  # exp(-95) ~ 5e-42: subnormal in fp32
+    logits[:, 1:10] = 20.0
+    ref = torch.softmax(logits, -1)
+    assert ((ref > 0) & (ref < torch.finfo(torch.float32).tiny)).any()
+    p = _probs(logits)
+    assert not ((p > 0) & (p < torch.finfo(torch.float32).tiny)).any()
+    torch.testing.assert_close(p, ref, rtol=0, atol=1e-30)
+    h = logits.clone().requires_grad_(True)
+    t = torch.tensor([0, 3])
+    out = linear_cross_entropy(h, torch.eye(1000), t)
+    (g,) = torch.autograd.grad(out, h)
+    ref_loss = F.cross_entropy(logits, t, reduction="sum")
+    (gref,) = torch.autograd.grad(F.cross_entropy(h, t, reduction="sum"), h)
+    torch.testing.assert_close(out, ref_loss)
+    torch.testing.assert_close(g, gref, rtol=0, atol=1e-6)
+
+
 def test_model_loss_uses_fused_path_and_matches_plain(monkeypatch):
     import mm.fused_ce
 
