@@ -80,3 +80,18 @@ def test_console_script_subprocess(tiny_llm_dir):
     r = subprocess.run([sys.executable, "-m", "mm.cli", "ask", "--llm", "/nonexistent/model", "Hi"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and r.stderr.strip().count("\n") == 0 and "/nonexistent/model" in r.stderr
+
+
+def test_the_cli_flushes_subnormal_floats():
+    """mm.cli.main turns on flush-to-zero / denormals-are-zero before any parallel work."""
+    import torch
+
+    from mm.cli import main
+
+    try:
+        torch.set_flush_denormal(False)
+        assert main(["modalities"]) == 0
+        tiny = torch.tensor([1e-40]) * torch.tensor([1.0])
+        assert float(tiny) == 0.0
+    finally:
+        torch.set_flush_denormal(False)
