@@ -201,12 +201,12 @@ def train(cfg: RunConfig, *, progress: bool = True, stop_after: int | None = Non
     if d.main:
         for line in describe(model):
             log.info(line)
-    compiled = contextlib.ExitStack()
+    compiled = contextlib.nullcontext()  # entered with the loop, so the blocks are restored however it ends
     if cfg.compile:
         if d.enabled or cfg.distributed.fsdp_single_process:
             raise ValueError(f"{out}: compile: true is for single-process training (not with FSDP2 yet)")
         from mm.compile import compiled_blocks
-        compiled.enter_context(compiled_blocks(model, backend=cfg.compile_backend))
+        compiled = compiled_blocks(model, backend=cfg.compile_backend)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad] + \
         list(objective.modules.named_parameters())
     params = [p for _, p in named]
