@@ -102,12 +102,15 @@ class PackedWeights:
     """
 
     def __init__(self, model):
-        self.layers = []
-        for layer in model.layers:
-            at, mlp = layer.self_attn, layer.mlp
-            self.layers.append({"qkv": _in_out(at.q_proj, at.k_proj, at.v_proj),
-                                "gate_up": _in_out(mlp.gate_proj, mlp.up_proj)})
+        self.layers = [{role: _in_out(*lins) for role, lins in _layer_roles(layer).items()}
+                       for layer in model.layers]
         self.head = _in_out(model.llm.get_output_embeddings())
+
+
+def _layer_roles(layer) -> dict[str, list[torch.nn.Linear]]:
+    """A decoder layer's products that :class:`PackedWeights` concatenates, by role."""
+    at, mlp = layer.self_attn, layer.mlp
+    return {"qkv": [at.q_proj, at.k_proj, at.v_proj], "gate_up": [mlp.gate_proj, mlp.up_proj]}
 
 
 def _in_out(*linears) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -164,10 +167,9 @@ def choose_orders(model, rows: int) -> dict:
     which use :class:`PackedWeights`' copies (one product for q/k/v, one for gate/up).
     """
     layer = model.layers[0]
-    at, mlp = layer.self_attn, layer.mlp
     head = model.llm.get_output_embeddings()
-    roles = {"qkv": [at.q_proj, at.k_proj, at.v_proj], "gate_up": [mlp.gate_proj, mlp.up_proj], "head": [head]}
-    linears = [at.o_proj, mlp.down_proj, *sum(roles.values(), [])]
+    roles = {**_layer_roles(layer), "head": [head]}
+    linears = [layer.self_attn.o_proj, layer.mlp.down_proj, *sum(roles.values(), [])]
     for mod in model.modalities.values():
         if mod.kind == "xattn":
             linears += [m for blk in mod.xattn.values() for m in blk.modules() if isinstance(m, torch.nn.Linear)]
@@ -178,19 +180,18 @@ def choose_orders(model, rows: int) -> dict:
     key = (rows, dtype, torch.get_num_threads(), CPU_LAYOUT, tuple(sorted(shapes)))
     if key in _orders:
         return _orders[key]
-    forced = CPU_LAYOUT if CPU_LAYOUT in ("linear", "wxt", "packed") else None
+    if CPU_LAYOUT in ("linear", "wxt", "packed"):  # forced
+        one = CPU_LAYOUT if CPU_LAYOUT in ORDERS else "linear"
+        _orders[key] = out = {"by_shape": dict.fromkeys(shapes, one),
+                              "packed": set(roles) if CPU_LAYOUT == "packed" else set()}
+        return out
     with torch.no_grad():
         by_shape = {}
         for shape, lin in shapes.items():
             x = torch.randn(rows, shape[1], dtype=dtype)
-            by_shape[shape] = (forced if forced in ORDERS else "linear" if forced else _fastest(
-                {o: (lambda o=o: _linear_in(o, lin, x)) for o in ORDERS}))
+            by_shape[shape] = _fastest({o: (lambda o=o: _linear_in(o, lin, x)) for o in ORDERS})
         packed = set()
         for role, lins in roles.items():
-            if forced:
-                if forced == "packed":
-                    packed.add(role)
-                continue
             x = torch.randn(rows, lins[0].in_features, dtype=dtype)
             copy = _in_out(*lins)
             if _fastest({"packed": lambda: _packed_mm(x, copy),
