@@ -17,11 +17,15 @@ Shapes: ``cpu`` (2 cores, fp32, a tiny image encoder of equal size on both sides
 Environment knobs: ``MM_BENCH_THREADS`` overrides the CPU thread count (the protocol's is 2);
 ``MM_BENCH_COMPILE=1`` adds a pass of ours with regional
 ``torch.compile`` (training rows "ours+compile"); ``MM_BENCH_DEADLINE`` (seconds) skips that
-pass when the run is already older than the deadline.
+pass when the run is already older than the deadline; ``MM_BENCH_PROFILE=DIR`` writes a
+profiler table of one training step of each side per encoder mode into DIR.
+A part that fails (an out-of-memory error, a kernel missing on this device) is recorded
+with its error, the other parts still run, and the command exits with status 1.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import json
@@ -29,6 +33,7 @@ import os
 import statistics
 import sys
 import time
+import traceback
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -347,10 +352,40 @@ def peak_flops(device) -> tuple[float | None, str]:
     return rate, f"CPU: measured fp32 1024^3 matmul, {rate / 1e9:.0f} GFLOP/s"
 
 
+@contextlib.contextmanager
+def _part(res: dict, name: str, device, log):
+    """Run one part of the protocol; an exception is recorded in ``res["errors"]`` (and its
+    traceback logged) instead of ending the run, so the other parts are still measured."""
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - any failure of one part; the rest still runs
+        first = str(e).splitlines()[0] if str(e) else ""
+        res.setdefault("errors", []).append(f"{name}: {type(e).__name__}: {first}"[:300])
+        log(f"{name} FAILED:\n{traceback.format_exc()}")
+        _free(device)
+
+
+def profile_step(fn, device, path: Path, title: str) -> None:
+    """One call of ``fn`` under torch.profiler; the op table sorted by self time on the
+    device (or the CPU) goes to ``path``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts, record_shapes=True) as prof:
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    table = prof.key_averages(group_by_input_shape=True).table(sort_by=key, row_limit=45, max_name_column_width=60)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"{title}\n{table}\n")
+
+
 def run_bench(s: Shapes, device, *, log=None, compile_pass: bool = False, deadline: float | None = None,
-              checkpoint=None) -> dict:
+              checkpoint=None, profile_dir: str | Path | None = None) -> dict:
     """Run the protocol; returns the results (see :func:`rows`). ``checkpoint(result)`` is
-    called with partial results after each part."""
+    called with partial results after each part; failed parts are listed in ``errors``."""
     start = time.perf_counter()
     log = log or (lambda *_: None)
     dtype = getattr(torch, s.dtype)
@@ -378,37 +413,42 @@ def run_bench(s: Shapes, device, *, log=None, compile_pass: bool = False, deadli
     ids, att, media, pk = x["ids"], x["att"], x["media"], x["peer"]
     tokens = s.train_batch * s.train_len
     for mode in ("trainable", "frozen"):
-        enc_tr = mode == "trainable"
-        train_mode(ours, peer, enc_tr)
-        opts = {"ours": make_optimizer(set_trainable_ours(ours, enc_tr)),
-                "peer": make_optimizer(set_trainable_peer(peer, enc_tr))}
+        with _part(res, f"training, encoder {mode}", device, log):
+            enc_tr = mode == "trainable"
+            train_mode(ours, peer, enc_tr)
+            opts = {"ours": make_optimizer(set_trainable_ours(ours, enc_tr)),
+                    "peer": make_optimizer(set_trainable_peer(peer, enc_tr))}
 
-        def step_ours(opt=opts["ours"]):
-            loss = ours.loss(ids, ids, attention_mask=att, media=media)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            def step_ours(opt=opts["ours"]):
+                loss = ours.loss(ids, ids, attention_mask=att, media=media)
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
 
-        def step_peer(opt=opts["peer"]):
-            out = peer(input_ids=ids, attention_mask=att, labels=ids, use_cache=False, **pk)
-            out.loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            def step_peer(opt=opts["peer"]):
+                out = peer(input_ids=ids, attention_mask=att, labels=ids, use_cache=False, **pk)
+                out.loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
 
-        log(f"training, vision encoder {mode}")
-        cpu = {}
-        times = alternate(clock, {"ours": step_ours, "peer": step_peer}, s.warmup, s.timed, log, cpu)
-        flops = train_step_flops(llm_count, batch=s.train_batch, text_len=s.train_len, media_tokens=s.media_tokens,
-                                 encoder=enc_count, encoder_trainable=enc_tr)
-        part = {"flops": flops}
-        for side, model, fn in (("ours", ours, step_ours), ("peer", peer, step_peer)):
-            t = _median(times[side])
-            mem = measure_step_memory(fn, device, persistent_bytes(model, opts[side]))
-            part[side] = {"step_s": t, "steps_s": times[side], "tokens_per_s": tokens / t,
-                          "min_step_s": min(times[side]), "cpu_step_s": _median(cpu[side]),
-                          "mfu": flops["total"] / (t * peak) if peak else None, **mem}
-        res["train"][mode] = part
-        del opts, step_ours, step_peer
+            log(f"training, vision encoder {mode}")
+            cpu = {}
+            times = alternate(clock, {"ours": step_ours, "peer": step_peer}, s.warmup, s.timed, log, cpu)
+            flops = train_step_flops(llm_count, batch=s.train_batch, text_len=s.train_len, media_tokens=s.media_tokens,
+                                     encoder=enc_count, encoder_trainable=enc_tr)
+            part = {"flops": flops}
+            for side, model, fn in (("ours", ours, step_ours), ("peer", peer, step_peer)):
+                t = _median(times[side])
+                mem = measure_step_memory(fn, device, persistent_bytes(model, opts[side]))
+                part[side] = {"step_s": t, "steps_s": times[side], "tokens_per_s": tokens / t,
+                              "min_step_s": min(times[side]), "cpu_step_s": _median(cpu[side]),
+                              "mfu": flops["total"] / (t * peak) if peak else None, **mem}
+            res["train"][mode] = part
+            if profile_dir:
+                for side, fn in (("ours", step_ours), ("peer", step_peer)):
+                    profile_step(fn, device, Path(profile_dir) / f"profile_train_{mode}_{side}.txt",
+                                 f"{s.name}: one training step, {side}, vision encoder {mode}")
+        opts = step_ours = step_peer = None
         _free(device)
         if checkpoint:
             checkpoint(res)
@@ -423,70 +463,74 @@ def run_bench(s: Shapes, device, *, log=None, compile_pass: bool = False, deadli
     # as a CUDA graph instead); the uncompiled and the reference paths are timed for the record
     fast = True if cpu_side else None
     for b in s.gen_batches:
-        g = inputs(s, b, s.gen_prompt, device, dtype, seed=1)
-        out = {}
+        with _part(res, f"generation, batch {b}", device, log):
+            g = inputs(s, b, s.gen_prompt, device, dtype, seed=1)
+            out = {}
 
-        def gen_ours(g=g, out=out):
-            out["ours"] = ours.generate(g["ids"], g["att"], media=g["media"], max_new_tokens=s.gen_new, fast=fast,
-                                        compiled=cpu_side)
+            def gen_ours(g=g, out=out):
+                out["ours"] = ours.generate(g["ids"], g["att"], media=g["media"], max_new_tokens=s.gen_new, fast=fast,
+                                            compiled=cpu_side)
 
-        def gen_peer(g=g, out=out):
-            out["peer"] = peer.generate(input_ids=g["ids"], attention_mask=g["att"], max_new_tokens=s.gen_new,
-                                        do_sample=False, eos_token_id=None, pad_token_id=0, **g["peer"])
+            def gen_peer(g=g, out=out):
+                out["peer"] = peer.generate(input_ids=g["ids"], attention_mask=g["att"], max_new_tokens=s.gen_new,
+                                            do_sample=False, eos_token_id=None, pad_token_id=0, **g["peer"])
 
-        first_call = None
-        if cpu_side:
-            log(f"generation, batch {b}: compiling our decoding step")
-            t0 = time.perf_counter()
-            gen_ours()
-            first_call = time.perf_counter() - t0
-        log(f"generation, batch {b}")
-        cpu = {}
-        with torch.no_grad():
-            times = alternate(clock, {"ours": gen_ours, "peer": gen_peer}, 1, s.gen_reps, log, cpu)
-        if cpu_side:  # for the record, fewer runs: our uncompiled fast path and our default path
-            def gen_eager(g=g, out=out):
-                out["ours_eager"] = ours.generate(g["ids"], g["att"], media=g["media"],
-                                                  max_new_tokens=s.gen_new, fast=True)
-
-            def gen_ref(g=g, out=out):
-                out["ours_reference"] = ours.generate(g["ids"], g["att"], media=g["media"],
-                                                      max_new_tokens=s.gen_new, fast=False)
-            log(f"generation, batch {b}: our other decoding paths")
+            first_call = None
+            if cpu_side:
+                log(f"generation, batch {b}: compiling our decoding step")
+                t0 = time.perf_counter()
+                gen_ours()
+                first_call = time.perf_counter() - t0
+            log(f"generation, batch {b}")
+            cpu = {}
             with torch.no_grad():
-                times.update(alternate(clock, {"ours_eager": gen_eager, "ours_reference": gen_ref}, 1,
-                                       RECORD_REPS, log, cpu))
-            for key in ("ours_eager", "ours_reference"):
-                if not torch.equal(out[key], out["ours"]):
-                    res["notes"].append(f"generation, batch {b}: {key} made other tokens than ours (rounding)")
-        if tuple(out["ours"].shape) != (b, s.gen_new) or tuple(out["peer"].shape) != (b, s.gen_prompt + s.gen_new):
-            raise RuntimeError(f"generation made the wrong number of tokens: ours {tuple(out['ours'].shape)}, "
-                               f"peer {tuple(out['peer'].shape)}")
-        if device.type == "cuda" and b == s.gen_batches[0]:  # the fast path against the reference path
-            with torch.no_grad():
-                ref = ours.generate(g["ids"], g["att"], media=g["media"], max_new_tokens=s.gen_new, fast=False)
-            same = (ref == out["ours"]).all(0).long()
-            res["fast_decode_check"] = {"batch": b, "equal": bool(same.all()),
-                                        "leading_equal_tokens": int(same.cumprod(0).sum())}
-        res["generate"][str(b)] = {k: {"s": _median(v), "runs_s": v, "new_tokens_per_s": b * s.gen_new / _median(v),
-                                       "min_s": min(v), "cpu_s": _median(cpu[k])}
-                                   for k, v in times.items()}
-        if first_call is not None:
-            res["generate"][str(b)]["ours"]["first_call_s"] = first_call
-            res["notes"].append(f"generation, batch {b}: our first call (compiling the decoding step) took "
-                                f"{first_call:.1f} s; not in the timed runs")
+                times = alternate(clock, {"ours": gen_ours, "peer": gen_peer}, 1, s.gen_reps, log, cpu)
+            if cpu_side:  # for the record, fewer runs: our uncompiled fast path and our default path
+                def gen_eager(g=g, out=out):
+                    out["ours_eager"] = ours.generate(g["ids"], g["att"], media=g["media"],
+                                                      max_new_tokens=s.gen_new, fast=True)
+
+                def gen_ref(g=g, out=out):
+                    out["ours_reference"] = ours.generate(g["ids"], g["att"], media=g["media"],
+                                                          max_new_tokens=s.gen_new, fast=False)
+                log(f"generation, batch {b}: our other decoding paths")
+                with torch.no_grad():
+                    times.update(alternate(clock, {"ours_eager": gen_eager, "ours_reference": gen_ref}, 1,
+                                           RECORD_REPS, log, cpu))
+                for key in ("ours_eager", "ours_reference"):
+                    if not torch.equal(out[key], out["ours"]):
+                        res["notes"].append(f"generation, batch {b}: {key} made other tokens than ours (rounding)")
+            if tuple(out["ours"].shape) != (b, s.gen_new) or tuple(out["peer"].shape) != (b, s.gen_prompt + s.gen_new):
+                raise RuntimeError(f"generation made the wrong number of tokens: ours {tuple(out['ours'].shape)}, "
+                                   f"peer {tuple(out['peer'].shape)}")
+            if device.type == "cuda" and b == s.gen_batches[0]:  # the fast path against the reference path
+                with torch.no_grad():
+                    ref = ours.generate(g["ids"], g["att"], media=g["media"], max_new_tokens=s.gen_new, fast=False)
+                same = (ref == out["ours"]).all(0).long()
+                res["fast_decode_check"] = {"batch": b, "equal": bool(same.all()),
+                                            "leading_equal_tokens": int(same.cumprod(0).sum())}
+            res["generate"][str(b)] = {k: {"s": _median(v), "runs_s": v, "new_tokens_per_s": b * s.gen_new / _median(v),
+                                           "min_s": min(v), "cpu_s": _median(cpu[k])}
+                                       for k, v in times.items()}
+            if first_call is not None:
+                res["generate"][str(b)]["ours"]["first_call_s"] = first_call
+                res["notes"].append(f"generation, batch {b}: our first call (compiling the decoding step) took "
+                                    f"{first_call:.1f} s; not in the timed runs")
         if checkpoint:
             checkpoint(res)
 
     # -- optional: ours with regional torch.compile (training only)
     if compile_pass:
-        if deadline is not None and time.perf_counter() - start > deadline:
-            res["notes"].append("compile pass skipped: past the deadline")
-        else:
-            from mm.compile import compiled_blocks
+        from mm.compile import compiled_blocks
 
-            with compiled_blocks(ours, dynamic=False):
-                for mode in ("frozen", "trainable"):
+        with compiled_blocks(ours, dynamic=False):
+            for mode in ("frozen", "trainable"):
+                if mode not in res["train"]:
+                    continue
+                if deadline is not None and time.perf_counter() - start > deadline:
+                    res["notes"].append(f"compile pass, encoder {mode}: skipped, past the deadline")
+                    continue
+                with _part(res, f"training with torch.compile, encoder {mode}", device, log):
                     enc_tr = mode == "trainable"
                     train_mode(ours, None, enc_tr)
                     opt = make_optimizer(set_trainable_ours(ours, enc_tr))
@@ -509,10 +553,10 @@ def run_bench(s: Shapes, device, *, log=None, compile_pass: bool = False, deadli
                         "min_step_s": min(times["ours+compile"]), "cpu_step_s": _median(cpu["ours+compile"]),
                         "mfu": flops["total"] / (t * peak) if peak else None,
                         "wall_incl_compile_s": time.perf_counter() - t0, **mem}
-                    del opt, step_c
-                    _free(device)
-                    if checkpoint:
-                        checkpoint(res)
+                opt = step_c = None
+                _free(device)
+                if checkpoint:
+                    checkpoint(res)
     res["wall_s"] = time.perf_counter() - start
     res["rows"] = rows(res)
     res["goals"] = goals(res)
@@ -646,6 +690,8 @@ def format_table(res: dict) -> str:
         c = res["fast_decode_check"]
         lines.append(f"fast decode vs reference decode, batch {c['batch']}: " + (
             "same tokens" if c["equal"] else f"first {c['leading_equal_tokens']} tokens equal (bf16 rounding)"))
+    for err in res.get("errors", []):
+        lines.append(f"FAILED {err}")
     for gl in res.get("goals", []):
         lines.append(f"goal {'met    ' if gl['met'] else 'NOT met'}  {gl['goal']}: {gl['value']}")
     if "wall_s" in res:
@@ -678,9 +724,10 @@ def main(args) -> int:
     deadline = os.environ.get("MM_BENCH_DEADLINE")
     res = run_bench(s, device, log=lambda m: print(m, file=sys.stderr, flush=True),
                     compile_pass=os.environ.get("MM_BENCH_COMPILE") == "1",
-                    deadline=float(deadline) if deadline else None, checkpoint=checkpoint)
+                    deadline=float(deadline) if deadline else None, checkpoint=checkpoint,
+                    profile_dir=os.environ.get("MM_BENCH_PROFILE") or None)
     print(format_table(res))
     if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(json.dumps(res, indent=2, default=str))
-    return 0
+    return 1 if res.get("errors") else 0

@@ -339,13 +339,37 @@ def test_bench_table_and_goals_from_results():
 
 
 @pytest.mark.slow
-def test_bench_micro_runs():
-    from mm.bench import SHAPES, format_table, run_bench
+def test_bench_micro_runs(tmp_path, monkeypatch, capsys):
+    """The whole protocol at tiny shapes through ``main``; a part that fails (here generation
+    at batch 2) is reported and the exit status is 1, while the other parts are measured."""
+    import argparse
+    import json
 
-    res = run_bench(SHAPES["micro"], torch.device("cpu"))
+    from mm.bench import main
+    from mm.model import MultimodalLM
+
+    real = MultimodalLM.generate
+
+    def generate(self, input_ids, *a, **kw):
+        if input_ids.shape[0] == 2:
+            raise RuntimeError("CUDA out of memory (planted)")
+        return real(self, input_ids, *a, **kw)
+
+    monkeypatch.setattr(MultimodalLM, "generate", generate)
+    monkeypatch.setenv("MM_BENCH_PROFILE", str(tmp_path / "prof"))
+    rc = main(argparse.Namespace(shapes="micro", json=str(tmp_path / "b.json")))
+    res = json.loads((tmp_path / "b.json").read_text())
+    assert rc == 1
+    assert res["errors"] == ["generation, batch 2: RuntimeError: CUDA out of memory (planted)"]
     names = [r["metric"] for r in res["rows"]]
-    assert "train text tokens/s, encoder trainable" in names and "generate new tokens/s, batch 2" in names
+    assert "train text tokens/s, encoder trainable" in names and "generate new tokens/s, batch 1" in names
+    assert not any("batch 2" in n for n in names)
     for r in res["rows"]:
         assert r["ours"] > 0 and r["peer"] > 0 and r["ratio"] > 0
     assert res["train"]["frozen"]["flops"]["encoder"] < res["train"]["trainable"]["flops"]["encoder"]
-    assert "peer/ours" in format_table(res)
+    out = capsys.readouterr().out
+    assert "peer/ours" in out and "FAILED generation, batch 2: RuntimeError" in out
+    for mode in ("trainable", "frozen"):
+        for side in ("ours", "peer"):
+            table = (tmp_path / "prof" / f"profile_train_{mode}_{side}.txt").read_text()
+            assert f"{side}, vision encoder {mode}" in table and "Self CPU" in table
