@@ -18,7 +18,8 @@ Environment knobs: ``MM_BENCH_THREADS`` overrides the CPU thread count (the prot
 ``MM_BENCH_COMPILE=1`` adds a pass of ours with regional
 ``torch.compile`` (training rows "ours+compile"); ``MM_BENCH_DEADLINE`` (seconds) skips that
 pass when the run is already older than the deadline; ``MM_BENCH_PROFILE=DIR`` writes a
-profiler table of one training step of each side per encoder mode into DIR.
+profiler table of one training step of each side per encoder mode, and of one generation
+call per batch size, into DIR.
 A part that fails (an out-of-memory error, a kernel missing on this device) is recorded
 with its error, the other parts still run, and the command exits with status 1.
 """
@@ -377,7 +378,7 @@ def profile_step(fn, device, path: Path, title: str) -> None:
         if cuda:
             torch.cuda.synchronize()
     key = "self_device_time_total" if cuda else "self_cpu_time_total"
-    table = prof.key_averages(group_by_input_shape=True).table(sort_by=key, row_limit=45, max_name_column_width=60)
+    table = prof.key_averages(group_by_input_shape=True).table(sort_by=key, row_limit=70, max_name_column_width=60)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(f"{title}\n{table}\n")
 
@@ -512,6 +513,11 @@ def run_bench(s: Shapes, device, *, log=None, compile_pass: bool = False, deadli
             res["generate"][str(b)] = {k: {"s": _median(v), "runs_s": v, "new_tokens_per_s": b * s.gen_new / _median(v),
                                            "min_s": min(v), "cpu_s": _median(cpu[k])}
                                        for k, v in times.items()}
+            if profile_dir:
+                with torch.no_grad():
+                    for side, fn in (("ours", gen_ours), ("peer", gen_peer)):
+                        profile_step(fn, device, Path(profile_dir) / f"profile_generate_{b}_{side}.txt",
+                                     f"{s.name}: one generation call, {side}, batch {b}")
             if first_call is not None:
                 res["generate"][str(b)]["ours"]["first_call_s"] = first_call
                 res["notes"].append(f"generation, batch {b}: our first call (compiling the decoding step) took "

@@ -2,9 +2,10 @@
 # The GPU check of issue 6 in one script, about 4 minutes on one H100/H200 (hard limit 270 s):
 #   1. the GPU-marked tests: fast decoding with CUDA graphs gives the reference tokens (~20 s);
 #   2. `mm bench --shapes 1b-xattn`: ours against HF Mllama at Llama-3.2-1B text shapes with
-#      a ViT-H/14 at one 560 px tile, bf16, with a profiler table of one training step per side
-#      and encoder mode; then, while the run is younger than MM_BENCH_DEADLINE seconds, a pass
-#      of ours with regional torch.compile (frozen-encoder mode first). The JSON is rewritten
+#      a ViT-H/14 at one 560 px tile, bf16, with profiler tables (one training step per side
+#      and encoder mode, one generation call per side and batch); then, while the run is
+#      younger than MM_BENCH_DEADLINE seconds, a pass of ours with regional torch.compile
+#      (frozen-encoder mode first). The JSON is rewritten
 #      after every part, and a part that fails is recorded while the others still run.
 # Results go to $OUT (default ./bench_out): env.txt (GPU, versions, GPU tests), bench.txt,
 # bench.log, bench.json, profiles.txt.

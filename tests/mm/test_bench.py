@@ -373,3 +373,4 @@ def test_bench_micro_runs(tmp_path, monkeypatch, capsys):
         for side in ("ours", "peer"):
             table = (tmp_path / "prof" / f"profile_train_{mode}_{side}.txt").read_text()
             assert f"{side}, vision encoder {mode}" in table and "Self CPU" in table
+        assert f"{side}, batch 1" in (tmp_path / "prof" / f"profile_generate_1_{side}.txt").read_text()
