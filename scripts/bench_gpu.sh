@@ -8,7 +8,7 @@
 #      (frozen-encoder mode first). The JSON is rewritten
 #      after every part, and a part that fails is recorded while the others still run.
 # Results go to $OUT (default ./bench_out): env.txt (GPU, versions, GPU tests), bench.txt,
-# bench.log, bench.json, profiles.txt.
+# bench.log, bench.json, profiles.txt. MM_GPU_LIMIT (s), MM_BENCH_DEADLINE, MM_GPU_PROFILE=0 adjust it.
 # The interpreter is $PYTHON, else `python`, else `python3` (device images may have only python3).
 # Packages the device image lacks travel as wheels: see docs/PERFORMANCE_LOG.md, "GPU run".
 set -uo pipefail
@@ -30,11 +30,12 @@ PY=${PYTHON:-$(command -v python || command -v python3)}
 
 left=$(( LIMIT - ($(date +%s) - start) ))
 prof=$(mktemp -d)
+[ "${MM_GPU_PROFILE:-1}" = 0 ] && prof=""  # MM_GPU_PROFILE=0: no profiler tables
 MM_BENCH_PROFILE=$prof MM_BENCH_COMPILE=${MM_BENCH_COMPILE:-1} MM_BENCH_DEADLINE=${MM_BENCH_DEADLINE:-130} \
   timeout -k 5 "$left" "$PY" -m mm.cli bench --shapes 1b-xattn --json "$OUT/bench.json" \
   2> "$OUT/bench.log" | tee "$OUT/bench.txt"
 rc=${PIPESTATUS[0]}
-cat "$prof"/*.txt > "$OUT/profiles.txt" 2>/dev/null
+[ -n "$prof" ] && cat "$prof"/*.txt > "$OUT/profiles.txt" 2>/dev/null
 if [ "$rc" -ne 0 ]; then
   echo "bench exit status $rc (1: a part failed, see FAILED lines and bench.log; 124: cut by the timeout, bench.json holds the parts measured)" | tee -a "$OUT/bench.txt"
   grep -B2 -A12 "FAILED" "$OUT/bench.log" | tail -60
