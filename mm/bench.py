@@ -413,6 +413,10 @@ def run_bench(s: Shapes, device, *, log=None, compile_pass: bool = False, deadli
     x = inputs(s, s.train_batch, s.train_len, device, dtype)
     ids, att, media, pk = x["ids"], x["att"], x["media"], x["peer"]
     tokens = s.train_batch * s.train_len
+    # peak memory is measured after every timing: on a CPU the measurement sets glibc's mmap
+    # threshold (see measure_step_memory), and that would make every later big allocation of
+    # either side page-fault afresh
+    memory_later: list[tuple] = []  # (mode, side, model, step, optimizer)
     for mode in ("trainable", "frozen"):
         with _part(res, f"training, encoder {mode}", device, log):
             enc_tr = mode == "trainable"
@@ -440,10 +444,10 @@ def run_bench(s: Shapes, device, *, log=None, compile_pass: bool = False, deadli
             part = {"flops": flops}
             for side, model, fn in (("ours", ours, step_ours), ("peer", peer, step_peer)):
                 t = _median(times[side])
-                mem = measure_step_memory(fn, device, persistent_bytes(model, opts[side]))
                 part[side] = {"step_s": t, "steps_s": times[side], "tokens_per_s": tokens / t,
                               "min_step_s": min(times[side]), "cpu_step_s": _median(cpu[side]),
-                              "mfu": flops["total"] / (t * peak) if peak else None, **mem}
+                              "mfu": flops["total"] / (t * peak) if peak else None}
+                memory_later.append((mode, side, model, fn, opts[side]))
             res["train"][mode] = part
             if profile_dir:
                 for side, fn in (("ours", step_ours), ("peer", step_peer)):
@@ -530,6 +534,7 @@ def run_bench(s: Shapes, device, *, log=None, compile_pass: bool = False, deadli
         from mm.compile import compiled_blocks
 
         with compiled_blocks(ours, dynamic=False):
+            compiled_later: list[tuple] = []
             for mode in ("frozen", "trainable"):
                 if mode not in res["train"]:
                     continue
@@ -553,20 +558,40 @@ def run_bench(s: Shapes, device, *, log=None, compile_pass: bool = False, deadli
                     times = alternate(clock, {"ours+compile": step_c}, s.warmup, s.timed, log, cpu)
                     t = _median(times["ours+compile"])
                     flops = res["train"][mode]["flops"]
-                    mem = measure_step_memory(step_c, device, persistent_bytes(ours, opt))
                     res["train"][mode]["ours+compile"] = {
                         "step_s": t, "steps_s": times["ours+compile"], "tokens_per_s": tokens / t,
                         "min_step_s": min(times["ours+compile"]), "cpu_step_s": _median(cpu["ours+compile"]),
                         "mfu": flops["total"] / (t * peak) if peak else None,
-                        "wall_incl_compile_s": time.perf_counter() - t0, **mem}
+                        "wall_incl_compile_s": time.perf_counter() - t0}
+                    compiled_later.append((mode, "ours+compile", ours, step_c, opt))
                 opt = step_c = None
-                _free(device)
                 if checkpoint:
                     checkpoint(res)
+            _measure_memory(res, compiled_later, ours, None, device, log)
+            compiled_later = None
+            _free(device)
+    _measure_memory(res, memory_later, ours, peer, device, log)
+    memory_later = None
+    _free(device)
+    if checkpoint:
+        checkpoint(res)
     res["wall_s"] = time.perf_counter() - start
     res["rows"] = rows(res)
     res["goals"] = goals(res)
     return res
+
+
+def _measure_memory(res: dict, jobs: list[tuple], ours, peer, device, log) -> None:
+    """Peak memory of one step of each (mode, side) whose timing is done, in the mode's
+    trainable/eval state; added to ``res["train"][mode][side]``."""
+    for mode, side, model, fn, opt in jobs:
+        with _part(res, f"peak memory, encoder {mode}, {side}", device, log):
+            enc_tr = mode == "trainable"
+            train_mode(ours, peer, enc_tr)
+            set_trainable_ours(ours, enc_tr)
+            if peer is not None:
+                set_trainable_peer(peer, enc_tr)
+            res["train"][mode][side].update(measure_step_memory(fn, device, persistent_bytes(model, opt)))
 
 
 def _free(device):
