@@ -17,7 +17,8 @@ Shapes: ``cpu`` (2 cores, fp32, a tiny image encoder of equal size on both sides
 Environment knobs: ``MM_BENCH_THREADS`` overrides the CPU thread count (the protocol's is 2);
 ``MM_BENCH_COMPILE=1`` adds a pass of ours with regional
 ``torch.compile`` (training rows "ours+compile"); ``MM_BENCH_DEADLINE`` (seconds) skips that
-pass when the run is already older than the deadline; ``MM_BENCH_PROFILE=DIR`` writes a
+pass when the run is already older than the deadline, and ``MM_BENCH_COMPILE_ENCODERS=0``
+leaves the encoders' blocks eager in it; ``MM_BENCH_PROFILE=DIR`` writes a
 profiler table of one training step of each side per encoder mode, and of one generation
 call per batch size, into DIR.
 A part that fails (an out-of-memory error, a kernel missing on this device) is recorded
@@ -533,7 +534,10 @@ def run_bench(s: Shapes, device, *, log=None, compile_pass: bool = False, deadli
     if compile_pass:
         from mm.compile import compiled_blocks
 
-        with compiled_blocks(ours, dynamic=False):
+        encoders = os.environ.get("MM_BENCH_COMPILE_ENCODERS", "1") != "0"
+        if not encoders:
+            res["notes"].append("compile pass: the encoders' blocks left eager (MM_BENCH_COMPILE_ENCODERS=0)")
+        with compiled_blocks(ours, dynamic=False, encoders=encoders):
             compiled_later: list[tuple] = []
             for mode in ("frozen", "trainable"):
                 if mode not in res["train"]:

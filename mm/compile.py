@@ -28,14 +28,15 @@ log = logging.getLogger(__name__)
 CACHE_KWARGS = ("past_key_values", "past_key_value", "cache")  # transformers' names over 4.x-5.x
 
 
-def repeated_blocks(model) -> list[nn.Module]:
-    """The modules :func:`compiled_blocks` compiles, in a fixed order."""
+def repeated_blocks(model, *, encoders: bool = True) -> list[nn.Module]:
+    """The modules :func:`compiled_blocks` compiles, in a fixed order (``encoders=False``:
+    the LLM's layers and the adapters only)."""
     mods = list(model.layers)
     for mod in model.modalities.values():
         if mod.kind == "xattn":
             mods += list(mod.xattn.values())
         enc = getattr(mod, "encoder", None)
-        if enc is None:
+        if enc is None or not encoders:
             continue
         seen: set[int] = set()
         for _, sub in enc.named_modules():
@@ -48,7 +49,7 @@ def repeated_blocks(model) -> list[nn.Module]:
 
 
 @contextlib.contextmanager
-def compiled_blocks(model, *, dynamic: bool | None = None, backend: str = "inductor"):
+def compiled_blocks(model, *, dynamic: bool | None = None, backend: str = "inductor", encoders: bool = True):
     """Run ``model``'s repeated blocks through ``torch.compile`` inside the ``with`` block;
     the modules are left as found on exit.
 
@@ -58,6 +59,10 @@ def compiled_blocks(model, *, dynamic: bool | None = None, backend: str = "induc
             and later ones with symbolic sizes (training batches vary in length); ``False``
             for fixed shapes (a benchmark).
         backend: ``torch.compile``'s backend (tests use ``"aot_eager"``: no C++ compiler).
+        encoders: also the encoders' block stacks. ``False`` leaves them eager: on one H200 the
+            bench's frozen-encoder step was slower compiled (0.244 s) than eager (0.200 s), and
+            an eager frozen open_clip block takes PyTorch's fused attention inference path (a
+            lead, not measured yet: ``MM_BENCH_COMPILE_ENCODERS=0`` in the bench).
     """
     from mm.model import MEDIA_KWARG
 
@@ -77,7 +82,7 @@ def compiled_blocks(model, *, dynamic: bool | None = None, backend: str = "induc
             return compiled(*args, **kwargs)
         return forward
 
-    mods = repeated_blocks(model)
+    mods = repeated_blocks(model, encoders=encoders)
     for m in mods:
         m.forward = wrap(m.forward)
     log.info("torch.compile (%s) on %d blocks; the first steps compile", backend, len(mods))

@@ -34,6 +34,11 @@ def test_repeated_blocks_are_layers_adapters_and_encoder_stacks():
               + list(enc.vit.transformer.resblocks) + list(enc.blocks))
     assert [id(m) for m in blocks] == [id(m) for m in expect]
     assert len({id(m) for m in blocks}) == len(blocks)
+    llm_side = list(model.layers) + list(model.modalities["image"].xattn.values())
+    assert [id(m) for m in repeated_blocks(model, encoders=False)] == [id(m) for m in llm_side]
+    with compiled_blocks(model, backend="aot_eager", encoders=False) as mods:
+        assert "forward" in vars(model.layers[0]) and "forward" not in vars(enc.blocks[0])
+        assert len(mods) == len(llm_side)
 
 
 def test_compiled_blocks_give_eager_numbers_and_restore_the_modules():
