@@ -18,7 +18,8 @@ Environment knobs: ``MM_BENCH_THREADS`` overrides the CPU thread count (the prot
 ``MM_BENCH_COMPILE=1`` adds a pass of ours with regional
 ``torch.compile`` (training rows "ours+compile"); ``MM_BENCH_DEADLINE`` (seconds) skips that
 pass when the run is already older than the deadline, and ``MM_BENCH_COMPILE_ENCODERS=0``
-leaves the encoders' blocks eager in it; ``MM_BENCH_PROFILE=DIR`` writes a
+leaves the encoders' blocks eager in it; ``MM_BENCH_GENERATE=0`` skips generation;
+``MM_BENCH_PROFILE=DIR`` writes a
 profiler table of one training step of each side per encoder mode, and of one generation
 call per batch size, into DIR.
 A part that fails (an out-of-memory error, a kernel missing on this device) is recorded
@@ -468,7 +469,8 @@ def run_bench(s: Shapes, device, *, log=None, compile_pass: bool = False, deadli
     # CPU: the fast path and its compiled step are opt-in, so opt in (a GPU captures the step
     # as a CUDA graph instead); the uncompiled and the reference paths are timed for the record
     fast = True if cpu_side else None
-    for b in s.gen_batches:
+    gen_batches = s.gen_batches if os.environ.get("MM_BENCH_GENERATE", "1") != "0" else ()
+    for b in gen_batches:
         with _part(res, f"generation, batch {b}", device, log):
             g = inputs(s, b, s.gen_prompt, device, dtype, seed=1)
             out = {}
