@@ -536,46 +536,55 @@ def run_bench(s: Shapes, device, *, log=None, compile_pass: bool = False, deadli
     if compile_pass:
         from mm.compile import compiled_blocks
 
-        encoders = os.environ.get("MM_BENCH_COMPILE_ENCODERS", "1") != "0"
-        if not encoders:
-            res["notes"].append("compile pass: the encoders' blocks left eager (MM_BENCH_COMPILE_ENCODERS=0)")
-        with compiled_blocks(ours, dynamic=False, encoders=encoders):
-            compiled_later: list[tuple] = []
-            for mode in ("frozen", "trainable"):
-                if mode not in res["train"]:
-                    continue
-                if deadline is not None and time.perf_counter() - start > deadline:
-                    res["notes"].append(f"compile pass, encoder {mode}: skipped, past the deadline")
-                    continue
-                with _part(res, f"training with torch.compile, encoder {mode}", device, log):
-                    enc_tr = mode == "trainable"
-                    train_mode(ours, None, enc_tr)
-                    opt = make_optimizer(set_trainable_ours(ours, enc_tr))
+        # which encoder blocks compile: MM_BENCH_COMPILE_ENCODERS=1 all, 0 none, unset: those
+        # that train in the mode (compiled_blocks' default), so each mode enters its own context
+        enc_env = os.environ.get("MM_BENCH_COMPILE_ENCODERS")
+        encoders = None if enc_env in (None, "") else enc_env != "0"
+        if encoders is not None:
+            res["notes"].append(f"compile pass: encoder blocks {'all' if encoders else 'none'} compiled "
+                                f"(MM_BENCH_COMPILE_ENCODERS={enc_env})")
+        compiled_later: list[tuple] = []
+        for mode in ("frozen", "trainable"):
+            if mode not in res["train"]:
+                continue
+            if deadline is not None and time.perf_counter() - start > deadline:
+                res["notes"].append(f"compile pass, encoder {mode}: skipped, past the deadline")
+                continue
+            with _part(res, f"training with torch.compile, encoder {mode}", device, log):
+                enc_tr = mode == "trainable"
+                train_mode(ours, None, enc_tr)
+                opt = make_optimizer(set_trainable_ours(ours, enc_tr))
 
-                    def step_c(opt=opt):
-                        loss = ours.loss(ids, ids, attention_mask=att, media=media)
-                        loss.backward()
-                        opt.step()
-                        opt.zero_grad(set_to_none=True)
+                def step_c(opt=opt):
+                    loss = ours.loss(ids, ids, attention_mask=att, media=media)
+                    loss.backward()
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
 
-                    log(f"training with torch.compile, vision encoder {mode} (first steps compile)")
-                    t0 = time.perf_counter()
-                    cpu = {}
+                log(f"training with torch.compile, vision encoder {mode} (first steps compile)")
+                t0 = time.perf_counter()
+                cpu = {}
+                with compiled_blocks(ours, dynamic=False, encoders=encoders):
                     times = alternate(clock, {"ours+compile": step_c}, s.warmup, s.timed, log, cpu)
-                    t = _median(times["ours+compile"])
-                    flops = res["train"][mode]["flops"]
-                    res["train"][mode]["ours+compile"] = {
-                        "step_s": t, "steps_s": times["ours+compile"], "tokens_per_s": tokens / t,
-                        "min_step_s": min(times["ours+compile"]), "cpu_step_s": _median(cpu["ours+compile"]),
-                        "mfu": flops["total"] / (t * peak) if peak else None,
-                        "wall_incl_compile_s": time.perf_counter() - t0}
-                    compiled_later.append((mode, "ours+compile", ours, step_c, opt))
-                opt = step_c = None
-                if checkpoint:
-                    checkpoint(res)
-            _measure_memory(res, compiled_later, ours, None, device, log)
-            compiled_later = None
-            _free(device)
+                t = _median(times["ours+compile"])
+                flops = res["train"][mode]["flops"]
+                res["train"][mode]["ours+compile"] = {
+                    "step_s": t, "steps_s": times["ours+compile"], "tokens_per_s": tokens / t,
+                    "min_step_s": min(times["ours+compile"]), "cpu_step_s": _median(cpu["ours+compile"]),
+                    "mfu": flops["total"] / (t * peak) if peak else None,
+                    "wall_incl_compile_s": time.perf_counter() - t0}
+                compiled_later.append((mode, "ours+compile", ours, step_c, opt))
+            opt = step_c = None
+            if checkpoint:
+                checkpoint(res)
+        for job in compiled_later:  # after every timing (see memory_later); each mode's blocks again
+            enc_tr = job[0] == "trainable"
+            train_mode(ours, None, enc_tr)
+            set_trainable_ours(ours, enc_tr)
+            with compiled_blocks(ours, dynamic=False, encoders=encoders):
+                _measure_memory(res, [job], ours, None, device, log)
+        compiled_later = None
+        _free(device)
     _measure_memory(res, memory_later, ours, peer, device, log)
     memory_later = None
     _free(device)

@@ -39,6 +39,14 @@ def test_repeated_blocks_are_layers_adapters_and_encoder_stacks():
     with compiled_blocks(model, backend="aot_eager", encoders=False) as mods:
         assert "forward" in vars(model.layers[0]) and "forward" not in vars(enc.blocks[0])
         assert len(mods) == len(llm_side)
+    # the default: encoder blocks only where they train (a frozen block stays eager)
+    for p in enc.parameters():
+        p.requires_grad_(False)
+    for p in enc.blocks[0].parameters():
+        p.requires_grad_(True)
+    assert [id(m) for m in repeated_blocks(model, encoders=None)] == [id(m) for m in llm_side + [enc.blocks[0]]]
+    with compiled_blocks(model, backend="aot_eager") as mods:
+        assert len(mods) == len(llm_side) + 1 and "forward" not in vars(enc.vit.transformer.resblocks[0])
 
 
 def test_compiled_blocks_give_eager_numbers_and_restore_the_modules():
@@ -91,7 +99,7 @@ def test_inductor_blocks_match_eager_without_recompiling():
 
     ref, gref = loss_grads()
     torch._dynamo.reset()
-    with compiled_blocks(model, dynamic=False):
+    with compiled_blocks(model, dynamic=False, encoders=True):
         loss_grads()
         frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
         out, gout = loss_grads()
