@@ -208,6 +208,26 @@ def train_mode(ours, peer, encoder_trainable: bool) -> None:
             peer.model.vision_model.eval()
 
 
+def enter_mode(ours, peer, mode: str) -> dict:
+    """Put both sides (``peer`` may be None) in a training mode (``trainable``/``frozen``
+    vision encoder); returns each side's trainable parameters."""
+    enc_tr = mode == "trainable"
+    train_mode(ours, peer, enc_tr)
+    out = {"ours": set_trainable_ours(ours, enc_tr)}
+    if peer is not None:
+        out["peer"] = set_trainable_peer(peer, enc_tr)
+    return out
+
+
+def training_step(loss_fn, opt):
+    """One optimizer step on ``loss_fn()``, gradients dropped after it."""
+    def step():
+        loss_fn().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
 def make_optimizer(params):
     """The training loop's AdamW (fused where the kernel exists), for either side."""
     from mm.train import adamw
@@ -419,36 +439,24 @@ def run_bench(s: Shapes, device, *, log=None, compile_pass: bool = False, deadli
     # threshold (see measure_step_memory), and that would make every later big allocation of
     # either side page-fault afresh
     memory_later: list[tuple] = []  # (mode, side, model, step, optimizer)
+
+    def ours_loss():
+        return ours.loss(ids, ids, attention_mask=att, media=media)
+
     for mode in ("trainable", "frozen"):
         with _part(res, f"training, encoder {mode}", device, log):
-            enc_tr = mode == "trainable"
-            train_mode(ours, peer, enc_tr)
-            opts = {"ours": make_optimizer(set_trainable_ours(ours, enc_tr)),
-                    "peer": make_optimizer(set_trainable_peer(peer, enc_tr))}
-
-            def step_ours(opt=opts["ours"]):
-                loss = ours.loss(ids, ids, attention_mask=att, media=media)
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-
-            def step_peer(opt=opts["peer"]):
-                out = peer(input_ids=ids, attention_mask=att, labels=ids, use_cache=False, **pk)
-                out.loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-
+            opts = {side: make_optimizer(ps) for side, ps in enter_mode(ours, peer, mode).items()}
+            step_ours = training_step(ours_loss, opts["ours"])
+            step_peer = training_step(
+                lambda: peer(input_ids=ids, attention_mask=att, labels=ids, use_cache=False, **pk).loss, opts["peer"])
             log(f"training, vision encoder {mode}")
             cpu = {}
             times = alternate(clock, {"ours": step_ours, "peer": step_peer}, s.warmup, s.timed, log, cpu)
             flops = train_step_flops(llm_count, batch=s.train_batch, text_len=s.train_len, media_tokens=s.media_tokens,
-                                     encoder=enc_count, encoder_trainable=enc_tr)
+                                     encoder=enc_count, encoder_trainable=mode == "trainable")
             part = {"flops": flops}
             for side, model, fn in (("ours", ours, step_ours), ("peer", peer, step_peer)):
-                t = _median(times[side])
-                part[side] = {"step_s": t, "steps_s": times[side], "tokens_per_s": tokens / t,
-                              "min_step_s": min(times[side]), "cpu_step_s": _median(cpu[side]),
-                              "mfu": flops["total"] / (t * peak) if peak else None}
+                part[side] = _step_stats(times[side], cpu[side], tokens, flops["total"], peak)
                 memory_later.append((mode, side, model, fn, opts[side]))
             res["train"][mode] = part
             if profile_dir:
@@ -551,38 +559,23 @@ def run_bench(s: Shapes, device, *, log=None, compile_pass: bool = False, deadli
                 res["notes"].append(f"compile pass, encoder {mode}: skipped, past the deadline")
                 continue
             with _part(res, f"training with torch.compile, encoder {mode}", device, log):
-                enc_tr = mode == "trainable"
-                train_mode(ours, None, enc_tr)
-                opt = make_optimizer(set_trainable_ours(ours, enc_tr))
-
-                def step_c(opt=opt):
-                    loss = ours.loss(ids, ids, attention_mask=att, media=media)
-                    loss.backward()
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
-
+                opt = make_optimizer(enter_mode(ours, None, mode)["ours"])
+                step_c = training_step(ours_loss, opt)
                 log(f"training with torch.compile, vision encoder {mode} (first steps compile)")
                 t0 = time.perf_counter()
                 cpu = {}
                 with compiled_blocks(ours, dynamic=False, encoders=encoders):
                     times = alternate(clock, {"ours+compile": step_c}, s.warmup, s.timed, log, cpu)
-                t = _median(times["ours+compile"])
-                flops = res["train"][mode]["flops"]
-                res["train"][mode]["ours+compile"] = {
-                    "step_s": t, "steps_s": times["ours+compile"], "tokens_per_s": tokens / t,
-                    "min_step_s": min(times["ours+compile"]), "cpu_step_s": _median(cpu["ours+compile"]),
-                    "mfu": flops["total"] / (t * peak) if peak else None,
-                    "wall_incl_compile_s": time.perf_counter() - t0}
+                res["train"][mode]["ours+compile"] = dict(
+                    _step_stats(times["ours+compile"], cpu["ours+compile"], tokens, res["train"][mode]["flops"]["total"],
+                                peak), wall_incl_compile_s=time.perf_counter() - t0)
                 compiled_later.append((mode, "ours+compile", ours, step_c, opt))
             opt = step_c = None
             if checkpoint:
                 checkpoint(res)
-        for job in compiled_later:  # after every timing (see memory_later); each mode's blocks again
-            enc_tr = job[0] == "trainable"
-            train_mode(ours, None, enc_tr)
-            set_trainable_ours(ours, enc_tr)
-            with compiled_blocks(ours, dynamic=False, encoders=encoders):
-                _measure_memory(res, [job], ours, None, device, log)
+        # after every timing (see memory_later); each mode's blocks compiled again
+        _measure_memory(res, compiled_later, ours, None, device, log,
+                        context=lambda: compiled_blocks(ours, dynamic=False, encoders=encoders))
         compiled_later = None
         _free(device)
     _measure_memory(res, memory_later, ours, peer, device, log)
@@ -596,17 +589,21 @@ def run_bench(s: Shapes, device, *, log=None, compile_pass: bool = False, deadli
     return res
 
 
-def _measure_memory(res: dict, jobs: list[tuple], ours, peer, device, log) -> None:
+def _step_stats(steps: list[float], cpu_steps: list[float], tokens: int, flops: float, peak) -> dict:
+    t = _median(steps)
+    return {"step_s": t, "steps_s": steps, "tokens_per_s": tokens / t, "min_step_s": min(steps),
+            "cpu_step_s": _median(cpu_steps), "mfu": flops / (t * peak) if peak else None}
+
+
+def _measure_memory(res: dict, jobs: list[tuple], ours, peer, device, log, context=contextlib.nullcontext) -> None:
     """Peak memory of one step of each (mode, side) whose timing is done, in the mode's
-    trainable/eval state; added to ``res["train"][mode][side]``."""
+    trainable/eval state (and inside ``context()``, entered after it); added to
+    ``res["train"][mode][side]``."""
     for mode, side, model, fn, opt in jobs:
         with _part(res, f"peak memory, encoder {mode}, {side}", device, log):
-            enc_tr = mode == "trainable"
-            train_mode(ours, peer, enc_tr)
-            set_trainable_ours(ours, enc_tr)
-            if peer is not None:
-                set_trainable_peer(peer, enc_tr)
-            res["train"][mode][side].update(measure_step_memory(fn, device, persistent_bytes(model, opt)))
+            enter_mode(ours, peer, mode)
+            with context():
+                res["train"][mode][side].update(measure_step_memory(fn, device, persistent_bytes(model, opt)))
 
 
 def _free(device):
