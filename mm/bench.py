@@ -566,6 +566,9 @@ def run_bench(s: Shapes, device, *, log=None, compile_pass: bool = False, deadli
                 cpu = {}
                 with compiled_blocks(ours, dynamic=False, encoders=encoders):
                     times = alternate(clock, {"ours+compile": step_c}, s.warmup, s.timed, log, cpu)
+                    if profile_dir:
+                        profile_step(step_c, device, Path(profile_dir) / f"profile_train_{mode}_ours+compile.txt",
+                                     f"{s.name}: one training step, ours with torch.compile, vision encoder {mode}")
                 res["train"][mode]["ours+compile"] = dict(
                     _step_stats(times["ours+compile"], cpu["ours+compile"], tokens, res["train"][mode]["flops"]["total"],
                                 peak), wall_incl_compile_s=time.perf_counter() - t0)
