@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from encoders.frozen import fixed
+
 __all__ = ["ImageEncoder", "GatedBlock", "build_vit", "image_encoder", "load_open_clip_visual",
            "default_layer_indices", "VIT_PRESETS"]
 
@@ -166,26 +168,70 @@ class ImageEncoder(nn.Module):
         Returns:
             features (b, T * p, e) and mask (b, T * p).
         """
+        layers = self._vit_layers(pixels)
+        x = self._global(layers[-1], tile_mask, aspect)
+        return self._project(torch.cat([x] + layers[:-1], dim=-1), tile_mask)  # (b, T*p, (L+1)*w)
+
+    # -- the parts, for a feature cache (mm.modality.FeatureCache) -------------------------
+    def cache_cut(self) -> str | None:
+        """How far this encoder is fixed in the current stage: ``"blocks"`` when the ViT, the
+        tile embeddings and the gated layers all are (only the norm and projection train),
+        ``"vit"`` when the ViT is, else None. The front part's output is then a function of
+        the image alone."""
+        if not fixed(self.vit):
+            return None
+        return "blocks" if fixed(self.tile_embed, self.tile_gate, self.blocks) else "vit"
+
+    def trunk(self, pixels: torch.Tensor, tile_mask: torch.Tensor, aspect: torch.Tensor, *,
+              cut: str) -> torch.Tensor:
+        """The front part up to ``cut``: (b, T * p, (L+1) * w), the last ViT layer's output
+        (after the gated layers for ``"blocks"``) followed by the kept intermediate layers."""
+        layers = self._vit_layers(pixels)
+        x = self._global(layers[-1], tile_mask, aspect) if cut == "blocks" else layers[-1]
+        return torch.cat([x] + layers[:-1], dim=-1)
+
+    def head(self, trunk: torch.Tensor, pixels=None, tile_mask: torch.Tensor = None, aspect: torch.Tensor = None, *,
+             cut: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rest after :meth:`trunk`: the same (features, mask) as :meth:`forward`."""
+        if cut == "vit" and self.blocks:
+            w = self.vit.transformer.width
+            trunk = torch.cat([self._global(trunk[..., :w], tile_mask, aspect), trunk[..., w:]], dim=-1)
+        return self._project(trunk, tile_mask)
+
+    def _vit_layers(self, pixels: torch.Tensor) -> list[torch.Tensor]:
+        """The kept ViT layers' outputs (class token first), each (b, T * p, w); the last
+        ViT layer last."""
         b, T = pixels.shape[:2]
         depth = len(self.vit.transformer.resblocks)
         out = self.vit.forward_intermediates(
             pixels.flatten(0, 1), indices=self.layer_indices + [depth - 1], output_fmt="NLC",
             intermediates_only=True, output_extra_tokens=True)
         layers = [torch.cat([c, x], dim=1) for c, x in zip(out["image_intermediates_prefix"], out["image_intermediates"])]
-        p = layers[0].shape[1]
-        layers = [y.reshape(b, T * p, -1) for y in layers]  # (b, T*p, w) each
-        mask = tile_mask[:, :, None].expand(b, T, p).reshape(b, T * p)
-        x = layers[-1]
-        if self.blocks:
-            pos = self.tile_embed[aspect][:, :T]  # (b, T, w)
-            x = x + self.tile_gate.tanh() * pos[:, :, None, :].expand(b, T, p, -1).reshape(b, T * p, -1)
-            # one tile: the image is either all keys or unused (its features are masked out
-            # downstream), so no key mask is needed and attention takes the fused kernels
-            key_mask = mask if T > 1 else None
-            for blk in self.blocks:
-                x = blk(x, key_mask)
-        feats = torch.cat([x] + layers[:-1], dim=-1)  # (b, T*p, (L+1)*w)
-        return self.proj(self.norm(feats)), mask
+        return [y.reshape(b, T * y.shape[1], -1) for y in layers]
+
+    def _global(self, x: torch.Tensor, tile_mask: torch.Tensor, aspect: torch.Tensor) -> torch.Tensor:
+        """Tile-position embeddings and the gated global layers: (b, T * p, w) -> same."""
+        if not self.blocks:
+            return x
+        b, T = tile_mask.shape
+        p = x.shape[1] // T
+        pos = self.tile_embed[aspect][:, :T]  # (b, T, w)
+        x = x + self.tile_gate.tanh() * pos[:, :, None, :].expand(b, T, p, -1).reshape(b, T * p, -1)
+        # one tile: the image is either all keys or unused (its features are masked out
+        # downstream), so no key mask is needed and attention takes the fused kernels
+        key_mask = self._mask(tile_mask, p) if T > 1 else None
+        for blk in self.blocks:
+            x = blk(x, key_mask)
+        return x
+
+    def _project(self, feats: torch.Tensor, tile_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(b, T * p, (L+1) * w) -> features (b, T * p, e) and mask (b, T * p)."""
+        return self.proj(self.norm(feats)), self._mask(tile_mask, feats.shape[1] // tile_mask.shape[1])
+
+    @staticmethod
+    def _mask(tile_mask: torch.Tensor, p: int) -> torch.Tensor:
+        b, T = tile_mask.shape
+        return tile_mask[:, :, None].expand(b, T, p).reshape(b, T * p)
 
 
 def image_encoder(*, preset: str = "tiny", out_dim: int, tile_size: int | None = None, max_tiles: int = 1,

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from encoders.frozen import fixed
+
 __all__ = [
     "FRAMES_PER_GROUP",
     "PerceiverLayer",
@@ -166,12 +168,21 @@ class VideoEncoder(nn.Module):
         return self
 
     def forward(
-        self, frames: torch.Tensor, frame_mask: torch.Tensor | None = None
+        self, frames: torch.Tensor, frame_mask: torch.Tensor | None = None, **inputs
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.head(self.trunk(frames, frame_mask, **inputs), frames, frame_mask)
+
+    # -- the parts, for a feature cache (mm.modality.FeatureCache) -------------------------
+    def cache_cut(self) -> str | None:
+        """``"frames"`` when the image encoder is fixed in this stage (its per-frame features
+        are then a function of the clip alone), else None."""
+        return "frames" if fixed(self.image_encoder) else None
+
+    def trunk(self, frames: torch.Tensor, frame_mask: torch.Tensor | None = None, *,
+              cut: str = "frames", **_) -> torch.Tensor:
+        """Per-frame image features (b, f, n, d); padding frames are zeros, not encoded."""
         b, f = frames.shape[:2]
-        if frame_mask is None:
-            frame_mask = torch.ones(b, f, dtype=torch.bool, device=frames.device)
-        frame_mask = frame_mask.to(torch.bool)  # (b, f)
+        frame_mask = self._frame_mask(frames, frame_mask)
         pixels = frames.flatten(0, 1)  # (b*f, 3, H, W)
         keep = frame_mask.flatten().nonzero().squeeze(1)  # (N,)
         if keep.numel() == 0:
@@ -180,8 +191,18 @@ class VideoEncoder(nn.Module):
         with grad:
             feats = self.image_encoder(pixels[keep])  # (N, n, d)
         n, d = feats.shape[1:]
-        per_frame = feats.new_zeros(b * f, n, d).index_copy(0, keep, feats)  # (b*f, n, d)
-        return self.aggregator(per_frame.view(b, f, n, d), frame_mask)  # (b, g*m, d), (b, g*m)
+        return feats.new_zeros(b * f, n, d).index_copy(0, keep, feats).view(b, f, n, d)
+
+    def head(self, trunk: torch.Tensor, frames: torch.Tensor, frame_mask: torch.Tensor | None = None, *,
+             cut: str = "frames", **_) -> tuple[torch.Tensor, torch.Tensor]:
+        """The temporal aggregator on :meth:`trunk`'s output: (b, g*m, d), (b, g*m)."""
+        return self.aggregator(trunk, self._frame_mask(frames, frame_mask))
+
+    @staticmethod
+    def _frame_mask(frames: torch.Tensor, frame_mask: torch.Tensor | None) -> torch.Tensor:
+        if frame_mask is None:
+            return torch.ones(frames.shape[:2], dtype=torch.bool, device=frames.device)
+        return frame_mask.to(torch.bool)  # (b, f)
 
 
 def video_aggregator(

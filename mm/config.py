@@ -91,6 +91,7 @@ class RunConfig:
     threads: int = 0                      # torch threads; 0 = torch's default
     trunk_cache: int = 0                  # rows of frozen lower-layer states reused (mm.model.TrunkCache); 0 = off
     prefix_cache: int = 0                 # text-only prompt prefixes whose keys/values are reused (mm.model.PrefixCache); 0 = off
+    feature_cache: int = 0                # MiB of fixed encoder-part outputs reused per media item (mm.modality.FeatureCache); 0 = off
     compile: bool = False                 # torch.compile each repeated block (mm.compile); single process
     compile_backend: str = "inductor"     # torch.compile's backend for `compile`
     device: str | None = None             # cpu, cuda, cuda:1 ...; default: cuda if available

@@ -11,6 +11,7 @@ Notation: b=batch, t=text tokens, n=media items per sample.
 from __future__ import annotations
 
 import bisect
+import hashlib
 import itertools
 import json
 import random
@@ -224,10 +225,26 @@ def _shared_prefix(samples: list[Sample]) -> int:
     return n
 
 
-def collate(samples: list[Sample], *, types: dict, pad_id: int) -> Batch:
+def media_key(item) -> str:
+    """A content key of one preprocessed media item (a tensor or a dict of them): equal keys
+    mean equal encoder inputs, so a fixed encoder part gives equal outputs for them."""
+    h = hashlib.blake2b(digest_size=16)
+    for name, t in sorted(item.items()) if isinstance(item, dict) else [("", item)]:
+        if torch.is_tensor(t):
+            h.update(f"{name}:{t.dtype}:{tuple(t.shape)}:".encode())
+            t = t.detach().cpu().contiguous().reshape(-1)
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        else:
+            h.update(f"{name}={t!r};".encode())
+    return h.hexdigest()
+
+
+def collate(samples: list[Sample], *, types: dict, pad_id: int, media_keys: bool = False) -> Batch:
     """Pad a batch as ``[shared prefix][padding][rest]``: tokens common to every sample (the
     chat template's system prompt) stay column-aligned at the left, so the model computes
-    them once; the rest is right-aligned, so generation appends at the same column."""
+    them once; the rest is right-aligned, so generation appends at the same column.
+    ``media_keys``: give every media item its content key (:func:`media_key`), for a
+    modality's feature cache."""
     b = len(samples)
     t = max(len(s.ids) for s in samples)
     shared = _shared_prefix(samples) if b > 1 else 0
@@ -262,7 +279,8 @@ def collate(samples: list[Sample], *, types: dict, pad_id: int) -> Batch:
                     pos[i, j] = got[j][1] if types[name].kind == "xattn" else got[j][1] + offsets[i]
                 else:
                     items.append(blank)
-        media[name] = MediaInput(inputs=types[name].collate(items), valid=valid, positions=pos)
+        media[name] = MediaInput(inputs=types[name].collate(items), valid=valid, positions=pos,
+                                 keys=[media_key(it) for it in items] if media_keys else None)
     return Batch(ids, att, labels, media)
 
 

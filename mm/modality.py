@@ -10,6 +10,8 @@ Notation: b=batch, m=media tokens, e=encoder width, d=LLM width.
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 from torch import nn
 
@@ -59,15 +61,41 @@ class Modality(nn.Module):
             # begin / end of media: new embeddings, so no vocabulary row of the LLM changes.
             self.boundary = nn.Parameter(torch.randn(2, llm_dim) * 0.02)
         self.readout_blank = readout_blank
+        # frozen front-part features kept across steps (training sets it; not a submodule)
+        self.feature_cache: FeatureCache | None = None
 
     @property
     def layer_indices(self) -> list[int]:
         return [int(i) for i in self.xattn] if self.kind == "xattn" else []
 
-    def encode(self, inputs) -> tuple[torch.Tensor, torch.Tensor]:
-        if isinstance(inputs, dict):
-            return self.encoder(**inputs)
-        return self.encoder(inputs)
+    def encode(self, inputs, keys: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encoder features ``(features (n, m, e), mask (n, m))`` of a batch of ``n`` items.
+
+        With a :class:`FeatureCache` attached (``feature_cache``), per-item ``keys`` (see
+        :func:`mm.data.media_key`) and an encoder whose front part is fixed in this stage
+        (``encoder.cache_cut()`` is not None), that part's output is looked up per item and
+        only the items not seen before run it; the rest of the encoder runs as usual.
+        """
+        kw = inputs if isinstance(inputs, dict) else {"x": inputs}
+        cache = self.feature_cache
+        cut = self.encoder.cache_cut() if cache is not None and keys is not None and hasattr(
+            self.encoder, "cache_cut") else None
+        if cut is None:
+            return self.encoder(**inputs) if isinstance(inputs, dict) else self.encoder(inputs)
+        ids = [(cut, k) for k in keys]
+        found = {i: cache.get(i) for i in dict.fromkeys(ids)}  # each distinct item looked up once
+        miss = [i for i, f in found.items() if f is None]
+        if miss:
+            first = {i: j for j, i in reversed(list(enumerate(ids)))}  # a batch row of each item
+            rows = torch.tensor([first[i] for i in miss],
+                                device=next(v for v in kw.values() if torch.is_tensor(v)).device)
+            sub = {k: v.index_select(0, rows) if torch.is_tensor(v) else v for k, v in kw.items()}
+            with torch.no_grad():
+                fresh = self.encoder.trunk(**sub, cut=cut)  # (len(miss), ...)
+            for r, i in enumerate(miss):
+                found[i] = fresh[r].clone()  # its own storage, so eviction frees it
+                cache.put(i, found[i])
+        return self.encoder.head(torch.stack([found[i] for i in ids]), **kw, cut=cut)
 
     def embed(self, feats: torch.Tensor, mask: torch.Tensor,
               vocab: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,6 +119,46 @@ class Modality(nn.Module):
         out[torch.arange(b), lengths + 1] = self.boundary[1].to(out.dtype)
         omask = torch.arange(m2 + 2, device=emb.device)[None] < (lengths + 2)[:, None]
         return out, omask
+
+
+class FeatureCache:
+    """Outputs of an encoder's fixed front part, per media item, kept across training steps.
+
+    In a stage where an encoder's front part does not train (e.g. the ViT of an adapter
+    stage, or the whole image tower with the encoder frozen), its output for an item depends
+    on the item alone, so an item seen before need not run it again: PERFORMANCE.md counts a
+    cached encoder as 0 FLOPs. Entries are ``(cut, item key) -> tensor`` on the device they
+    were computed on, evicted least-recently-used beyond ``max_bytes``.
+    """
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = int(max_bytes)
+        self.entries: OrderedDict = OrderedDict()
+        self.bytes = 0
+        self.hits = self.misses = 0
+
+    def get(self, key):
+        t = self.entries.get(key)
+        if t is None:
+            self.misses += 1
+            return None
+        self.entries.move_to_end(key)
+        self.hits += 1
+        return t
+
+    def put(self, key, t: torch.Tensor) -> None:
+        n = t.numel() * t.element_size()
+        if n > self.max_bytes or key in self.entries:
+            return
+        self.entries[key] = t
+        self.bytes += n
+        while self.bytes > self.max_bytes:
+            _, old = self.entries.popitem(last=False)
+            self.bytes -= old.numel() * old.element_size()
+
+    def stats(self) -> dict:
+        return {"items": len(self.entries), "mib": round(self.bytes / 2 ** 20, 1), "hits": self.hits,
+                "misses": self.misses}
 
 
 def nearest_tokens(frames: torch.Tensor, vocab: torch.Tensor, *, chunk: int = 1024) -> torch.Tensor:

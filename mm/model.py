@@ -35,16 +35,19 @@ class MediaInput:
         valid: (b, n) bool, which items exist (samples may have fewer than n).
         positions: (b, n) long. Cross-attention: the first text position that sees the item.
             Token embeddings: the position of the item's first placeholder token.
+        keys: optional, one content key per item (b * n, :func:`mm.data.media_key`): with
+            them a modality's feature cache can reuse a fixed encoder part's output.
     """
 
     inputs: object
     valid: torch.Tensor
     positions: torch.Tensor
+    keys: list | None = None
 
     def to(self, device) -> "MediaInput":
         move = (lambda x: x.to(device) if torch.is_tensor(x) else
                 {k: v.to(device) if torch.is_tensor(v) else v for k, v in x.items()} if isinstance(x, dict) else x)
-        return MediaInput(move(self.inputs), self.valid.to(device), self.positions.to(device))
+        return MediaInput(move(self.inputs), self.valid.to(device), self.positions.to(device), self.keys)
 
 
 @dataclass
@@ -288,7 +291,7 @@ class MultimodalLM(nn.Module):
             n = mi.valid.shape[1]
             if n == 0 or not bool(mi.valid.any()):
                 continue
-            feats, fmask = mod.encode(mi.inputs)  # (b*n, m, e), (b*n, m)
+            feats, fmask = mod.encode(mi.inputs, mi.keys)  # (b*n, m, e), (b*n, m)
             m = feats.shape[1]
             if mod.kind == "xattn":
                 feats = feats.reshape(batch, n * m, -1)

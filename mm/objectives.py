@@ -29,9 +29,11 @@ class LMObjective:
         self.modules = nn.ModuleDict()
         make = partial(make_sample, model=model, types=types, tokenizer=tokenizer, preprocess=cfg.data.preprocess)
         self.stream = SampleStream.from_config(cfg, types, make)
+        self.media_keys = bool(cfg.feature_cache)  # content keys for the modalities' feature caches
 
     def batch(self, step: int):
-        return collate(self.stream.batch(step, self.cfg.optim.batch_size), types=self.types, pad_id=self.pad_id)
+        return collate(self.stream.batch(step, self.cfg.optim.batch_size), types=self.types, pad_id=self.pad_id,
+                       media_keys=self.media_keys)
 
     def loss(self, batch) -> tuple[torch.Tensor, dict]:
         """Mean over the labelled tokens of the *global* batch: each process divides its sum

@@ -145,8 +145,8 @@ TEXT_CACHES = ("trunk_cache", "prefix_cache")  # MultimodalLM attributes (mm.mod
 
 
 def release_text_caches(model, start: dict) -> dict:
-    """Detach the (shared, per-LLM) trunk and prefix caches from the model and return what
-    this run added to them, for the run summary."""
+    """Detach the (shared, per-LLM) trunk and prefix caches and the modalities' feature
+    caches from the model and return what this run added to them, for the run summary."""
     stats = {}
     for name in TEXT_CACHES:
         c = getattr(model, name, None)
@@ -154,6 +154,10 @@ def release_text_caches(model, start: dict) -> dict:
             s, s0 = c.stats(), start.get(name, {})
             stats[name] = {"rows": s["rows"], **{k: s[k] - s0.get(k, 0) for k in ("row_hits", "row_misses")}}
         setattr(model, name, None)
+    for name, mod in model.modalities.items():
+        if getattr(mod, "feature_cache", None) is not None:
+            stats.setdefault("feature_cache", {})[name] = mod.feature_cache.stats()
+            mod.feature_cache = None
     return stats
 
 
@@ -193,6 +197,10 @@ def train(cfg: RunConfig, *, progress: bool = True, stop_after: int | None = Non
         model.prefix_cache = shared_text_cache(model.llm, PrefixCache, cfg.prefix_cache) if cfg.prefix_cache else None
     cache_start = {name: c.stats() for name in TEXT_CACHES
                    if (c := getattr(model, name, None)) is not None}
+    if cfg.feature_cache:  # one per modality, for this stage only: what is fixed differs by stage
+        from mm.modality import FeatureCache
+        for mod in model.modalities.values():
+            mod.feature_cache = FeatureCache(cfg.feature_cache * 2 ** 20)
     if d.enabled or cfg.distributed.fsdp_single_process:
         if d.world == 1 and not torch.distributed.is_initialized():
             raise ValueError("distributed.fsdp_single_process needs torchrun (a process group)")

@@ -37,6 +37,13 @@ def cases(device):
     out.append(("gated, 1 tile, float bias (b,1,1,m)", (8, 20, 1601, 64), (8, 20, 1601, 64),
                 lambda: torch.zeros(8, 1, 1, 1601, dtype=torch.bfloat16, **bf).masked_fill(~m1[:, None, None, :],
                                                                                             float("-inf"))))
+    # the key mask as the encoder built it before change 8: one tile's mask expanded over its
+    # tokens, a view whose last dimension has stride 0
+    m0 = torch.ones(8, 1, dtype=torch.bool, device=device)[:, :, None].expand(8, 1, 1601).reshape(8, 1601)
+    out.append(("gated, 1 tile, bool key mask, stride-0 keys", (8, 20, 1601, 64), (8, 20, 1601, 64),
+                lambda: m0[:, None, None, :]))
+    out.append(("gated, 1 tile, the same mask made contiguous", (8, 20, 1601, 64), (8, 20, 1601, 64),
+                lambda: m0[:, None, None, :].contiguous()))
     m2 = key_mask(4, 3202, 2 * 1601 - 1601 // 2, device)  # 2 tiles, second half padded
     out.append(("gated, 2 tiles padded, bool key mask", (4, 20, 3202, 64), (4, 20, 3202, 64),
                 lambda: m2[:, None, None, :]))
@@ -103,7 +110,7 @@ def main() -> None:
                 try:
                     cells.append(f"{time_call(call):10.2f}")
                 except RuntimeError:
-                    why = " ".join(str(x.message).split()[:14]) if w else "refused"
+                    why = " ".join(str(w[0].message).split()[:14]) if w else "refused"
                     cells.append(f"{'n/a':>10s}")
                     reasons.append(f"{bname}: {why}")
         print(f"{name:52s} " + " ".join(cells))

@@ -67,16 +67,17 @@ class TiledVideoEncoder(VideoEncoder):
         -> (features (b, g*m, e), mask (b, g*m))
     """
 
-    def forward(self, frames: torch.Tensor, frame_mask: torch.Tensor | None = None,
-                tile_mask: torch.Tensor | None = None, aspect: torch.Tensor | None = None):
+    def trunk(self, frames: torch.Tensor, frame_mask: torch.Tensor | None = None,
+              tile_mask: torch.Tensor | None = None, aspect: torch.Tensor | None = None, *,
+              cut: str = "frames") -> torch.Tensor:
+        """Per-frame image features (b, f, n, e); padding frames are zeros, not encoded."""
         b, f, T = frames.shape[:3]
-        if frame_mask is None:
-            frame_mask = torch.ones(b, f, dtype=torch.bool, device=frames.device)
+        frame_mask = self._frame_mask(frames, frame_mask)
         if tile_mask is None:
             tile_mask = torch.ones(b, T, dtype=torch.bool, device=frames.device)
         if aspect is None:
             aspect = torch.zeros(b, dtype=torch.long, device=frames.device)
-        keep = frame_mask.to(torch.bool).flatten().nonzero().squeeze(1)  # (N,) valid frames
+        keep = frame_mask.flatten().nonzero().squeeze(1)  # (N,) valid frames
         if keep.numel() == 0:
             keep = keep.new_zeros(1)  # encode one frame only to learn (n, d); it stays masked
         tiles = tile_mask[:, None].expand(b, f, T).flatten(0, 1)  # (b*f, T)
@@ -85,8 +86,7 @@ class TiledVideoEncoder(VideoEncoder):
         with grad:
             feats = self.image_encoder(frames.flatten(0, 1)[keep], tiles[keep], grids[keep])  # (N, n, e)
         n, e = feats.shape[1:]
-        per_frame = feats.new_zeros(b * f, n, e).index_copy(0, keep, feats)  # (b*f, n, e)
-        return self.aggregator(per_frame.view(b, f, n, e), frame_mask)  # (b, g*m, e), (b, g*m)
+        return feats.new_zeros(b * f, n, e).index_copy(0, keep, feats).view(b, f, n, e)
 
 
 class SpaceTimeResampler(nn.Module):
