@@ -115,9 +115,13 @@ class GatedBlock(nn.Module):
         """x: (b, m, w); mask: (b, m) bool key mask, or None when every key counts. Returns (b, m, w)."""
         b, m, w = x.shape
         q, k, v = self.qkv(self.norm1(x)).view(b, m, 3, self.n_heads, w // self.n_heads).permute(2, 0, 3, 1, 4)
-        # with a mask, SDPA on CUDA took the math path here (8 layers: ~55 of a 242 ms step at
-        # the 1b-xattn bench shapes); without one it takes the flash/cuDNN kernels
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask[:, None, None, :])
+        # CUDA SDPA puts a mask whose last dimension has stride 0 (an expanded view, as a
+        # one-tile mask once was here) on its math path: 16.9 ms forward+backward against 2.2 ms
+        # for the same mask contiguous at (8, 20, 1601, 64) on an H200 (scripts/sdpa_paths.py),
+        # ~55 of a 242 ms bench step over 8 layers. Contiguous masks take the cuDNN kernel.
+        if mask is not None:
+            mask = mask.contiguous()[:, None, None, :]
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         x = x + self.gate_attn.tanh() * self.proj(a.transpose(1, 2).reshape(b, m, w))
         return x + self.gate_mlp.tanh() * self.mlp(self.norm2(x))
 

@@ -58,3 +58,27 @@ def test_one_tile_images_match_the_masked_computation():
     ref = enc.proj(enc.norm(torch.cat([x] + layers[:-1], dim=-1)))
     torch.testing.assert_close(feats[mask], ref[mask])
     assert torch.isfinite(feats).all()
+
+
+def test_gated_block_gives_attention_a_contiguous_mask(monkeypatch):
+    """An expanded (stride-0) key mask sends CUDA SDPA to its math path (scripts/sdpa_paths.py):
+    the block hands attention a contiguous copy, with the same result."""
+    import torch.nn.functional as F
+
+    seen = []
+    real = F.scaled_dot_product_attention
+
+    def sdpa(q, k, v, attn_mask=None, **kw):
+        seen.append(attn_mask)
+        return real(q, k, v, attn_mask=attn_mask, **kw)
+
+    torch.manual_seed(0)
+    blk = GatedBlock(dim=32, n_heads=2, gate_init=0.5)
+    x = torch.randn(3, 17, 32)
+    expanded = torch.tensor([True, True, False])[:, None].expand(3, 17)  # stride 0 along the keys
+    assert expanded.stride(-1) == 0
+    want = blk(x, expanded.clone())
+    monkeypatch.setattr(F, "scaled_dot_product_attention", sdpa)
+    got = blk(x, expanded)
+    assert seen and seen[0].stride(-1) == 1
+    torch.testing.assert_close(got, want)
