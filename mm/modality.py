@@ -72,16 +72,19 @@ class Modality(nn.Module):
         """Encoder features ``(features (n, m, e), mask (n, m))`` of a batch of ``n`` items.
 
         With a :class:`FeatureCache` attached (``feature_cache``), per-item ``keys`` (see
-        :func:`mm.data.media_key`) and an encoder whose front part is fixed in this stage
-        (``encoder.cache_cut()`` is not None), that part's output is looked up per item and
-        only the items not seen before run it; the rest of the encoder runs as usual.
+        :func:`mm.data.media_key`), dict inputs and an encoder whose front part is fixed in
+        this stage (``encoder.cache_cut()`` is not None; ``encoder.trunk(**inputs, cut=)`` and
+        ``encoder.head(trunk, **inputs, cut=)`` split its forward there), that part's output is
+        looked up per item and only the items not seen before run it; the rest of the encoder
+        runs as usual.
         """
-        kw = inputs if isinstance(inputs, dict) else {"x": inputs}
-        cache = self.feature_cache
+        if not isinstance(inputs, dict):
+            return self.encoder(inputs)
+        kw, cache = inputs, self.feature_cache
         cut = self.encoder.cache_cut() if cache is not None and keys is not None and hasattr(
             self.encoder, "cache_cut") else None
         if cut is None:
-            return self.encoder(**inputs) if isinstance(inputs, dict) else self.encoder(inputs)
+            return self.encoder(**inputs)
         ids = [(cut, k) for k in keys]
         found = {i: cache.get(i) for i in dict.fromkeys(ids)}  # each distinct item looked up once
         miss = [i for i, f in found.items() if f is None]
