@@ -106,8 +106,9 @@ class SpaceTimeResampler(nn.Module):
     """
 
     def __init__(self, resampler: nn.Module, *, tokens_per_frame: int, dim: int, std: float = 0.02,
-                 pool_tokens: int = 0):
+                 pool_tokens: int = 0, pool_center: bool = False):
         super().__init__()
+        self.pool_center = bool(pool_center)
         self.token_pos = nn.Parameter(torch.randn(tokens_per_frame, dim) * std)  # (n, e)
         self.resampler = resampler
         self.pool_tokens = int(pool_tokens)
@@ -133,6 +134,11 @@ class SpaceTimeResampler(nn.Module):
         if frame_mask is not None:
             x = x.masked_fill(~frame_mask.to(torch.bool)[:, :, None, None], 0.0)
         x = F.pad(x, (0, 0, 0, 0, 0, g * K - f)).view(b, g, K, n, e)  # (b, g, K, n, e)
+        if self.pool_center:  # each token position minus its mean over the group's valid frames
+            valid = F.pad(frame_mask.to(x.dtype) if frame_mask is not None else x.new_ones(b, f),
+                          (0, g * K - f)).view(b, g, K, 1, 1)
+            mean = (x * valid).sum(2, keepdim=True) / valid.sum(2, keepdim=True).clamp(min=1)
+            x = (x - mean) * valid
         pooled = torch.einsum("bgkne,pkn->bgpe", x, self.pool[:, :, :n].to(x.dtype))  # (b, g, P, e)
         pooled = self.pool_norm(self.pool_proj(pooled)) * group_mask[:, :, None, None].to(x.dtype)
         tokens = torch.cat([tokens.view(b, g, m, e), pooled], dim=2).reshape(b, g * (m + P), e)
@@ -182,7 +188,9 @@ def build(llm: LLMShape, *, encoder: dict | None = None, aggregator: dict | None
             scale of the frame- and token-position embeddings (default 0.02; the CPU demo
             uses 1.0, the features' own scale, so that position matters from step 0), and
             ``pool_tokens``: learned (frame, position) poolings appended per group
-            (:class:`SpaceTimeResampler`; default 0, the plain resampler).
+            (:class:`SpaceTimeResampler`; default 0, the plain resampler), and
+            ``pool_center``: pool each token position's change from its mean over the
+            group's frames instead of the features themselves (default false).
         adapter: ``image_layers`` (the image adapter's layers or options) and ``every_image``,
             or explicit ``layers``; and ``heads``, ``kv_heads``, ``ffn_mult`` of the blocks.
         max_frames: F, frames sampled per video (default; a stage may lower it in preprocess).
@@ -196,12 +204,13 @@ def build(llm: LLMShape, *, encoder: dict | None = None, aggregator: dict | None
     agg.setdefault("num_latents", grid * grid + 1)  # K frames -> one tile's worth of tokens
     pos_std = agg.pop("pos_std", 0.02)
     pool_tokens = agg.pop("pool_tokens", 0)
+    pool_center = agg.pop("pool_center", False)
     resampler = video_aggregator(dim=image.out_dim, **agg)
     with torch.no_grad():  # frame-position embeddings on the same scale as the spatial ones
         resampler.frame_pos.normal_(0.0, pos_std)
     tokens = image.max_tiles * (grid * grid + 1)
     aggregator_ = SpaceTimeResampler(resampler, tokens_per_frame=tokens, dim=image.out_dim, std=pos_std,
-                                     pool_tokens=pool_tokens)
+                                     pool_tokens=pool_tokens, pool_center=pool_center)
     video = TiledVideoEncoder(FrameEncoder(image), aggregator_, freeze_image_encoder=freeze_image_encoder)
     video.max_frames = int(max_frames)  # plain settings read by preprocess, not per-call state
     video.frame_size = image.tile_size

@@ -393,3 +393,25 @@ def test_space_time_pool_tokens_follow_frames_and_masks():
     plain = SpaceTimeResampler(agg.resampler, tokens_per_frame=5, dim=16)
     plain.token_pos = agg.token_pos
     assert torch.equal(plain(x, fm)[0], tokens.view(2, 2, 5, 16)[:, :, :3].reshape(2, 6, 16))
+
+
+def test_centred_pool_tokens_see_change_not_content():
+    """``pool_center``: each token position minus its mean over the group's valid frames before
+    the (frame, position) pooling, so a still clip pools to the same tokens whatever it shows,
+    and masked frames neither count in the mean nor change anything."""
+    from encoders.video import video_aggregator
+    from mm.modalities.video import SpaceTimeResampler
+
+    torch.manual_seed(0)
+    agg = SpaceTimeResampler(video_aggregator(dim=16, num_latents=3, frames_per_group=4, depth=1, num_heads=2),
+                             tokens_per_frame=5, dim=16, pool_tokens=2, pool_center=True)
+    pooled = lambda t: t.view(t.shape[0], -1, 5, 16)[:, :, 3:]  # noqa: E731
+    still_a = torch.randn(1, 1, 5, 16).expand(1, 4, 5, 16)
+    still_b = torch.randn(1, 1, 5, 16).expand(1, 4, 5, 16)
+    torch.testing.assert_close(pooled(agg(still_a)[0]), pooled(agg(still_b)[0]))
+    moving = torch.randn(1, 4, 5, 16)
+    assert not torch.allclose(pooled(agg(moving)[0]), pooled(agg(still_a)[0]), atol=1e-3)
+    fm = torch.tensor([[True, True, True, False]])
+    y = moving.clone()
+    y[0, 3] = 100.0
+    torch.testing.assert_close(pooled(agg(y, fm)[0]), pooled(agg(moving, fm)[0]))
