@@ -181,15 +181,20 @@ class VideoEncoder(nn.Module):
     def trunk(self, frames: torch.Tensor, frame_mask: torch.Tensor | None = None, *,
               cut: str = "frames", **_) -> torch.Tensor:
         """Per-frame image features (b, f, n, d); padding frames are zeros, not encoded."""
-        b, f = frames.shape[:2]
-        frame_mask = self._frame_mask(frames, frame_mask)
         pixels = frames.flatten(0, 1)  # (b*f, 3, H, W)
-        keep = frame_mask.flatten().nonzero().squeeze(1)  # (N,)
+        return self._per_frame(frames, frame_mask, lambda keep: self.image_encoder(pixels[keep]))
+
+    def _per_frame(self, frames: torch.Tensor, frame_mask: torch.Tensor | None, encode) -> torch.Tensor:
+        """``encode(keep)`` -> (N, n, d) features of the valid frames ``keep`` (indices into
+        the b*f frames), under no_grad when the image encoder is frozen, scattered into
+        (b, f, n, d) with zeros for padding frames."""
+        b, f = frames.shape[:2]
+        keep = self._frame_mask(frames, frame_mask).flatten().nonzero().squeeze(1)  # (N,)
         if keep.numel() == 0:
             keep = keep.new_zeros(1)  # encode one frame only to learn (n, d); it stays masked
         grad = torch.no_grad() if self.freeze_image_encoder else contextlib.nullcontext()
         with grad:
-            feats = self.image_encoder(pixels[keep])  # (N, n, d)
+            feats = encode(keep)  # (N, n, d)
         n, d = feats.shape[1:]
         return feats.new_zeros(b * f, n, d).index_copy(0, keep, feats).view(b, f, n, d)
 

@@ -38,6 +38,7 @@ import sys
 import time
 import traceback
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -480,18 +481,15 @@ def run_bench(s: Shapes, device, *, log=None, compile_pass: bool = False, deadli
             log(f"training, vision encoder {mode}")
             cpu = {}
             times = alternate(clock, fns, s.warmup, s.timed, log, cpu)
-            part = {"flops": train_step_flops(llm_count, batch=s.train_batch, text_len=s.train_len,
-                                              media_tokens=s.media_tokens, encoder=enc_count,
-                                              encoder_trainable=mode == "trainable")}
+            step_flops = partial(train_step_flops, llm_count, batch=s.train_batch, text_len=s.train_len,
+                                 media_tokens=s.media_tokens, encoder=enc_count)
+            part = {"flops": step_flops(encoder_trainable=mode == "trainable")}
             if "ours+cache" in fns:
-                part["flops_cached"] = train_step_flops(llm_count, batch=s.train_batch, text_len=s.train_len,
-                                                        media_tokens=s.media_tokens, encoder=enc_count,
-                                                        features_cached=True)
+                part["flops_cached"] = step_flops(features_cached=True)
             for side, fn in fns.items():
                 model, opt = (peer, opts["peer"]) if side == "peer" else (ours, opts["ours"])
-                flops = part["flops_cached" if side.endswith("+cache") else "flops"]["total"]
-                part[side] = _step_stats(times[side], cpu[side], tokens, flops, peak)
-                memory_later.append((mode, side, model, fn, opt, cache.bytes if side.endswith("+cache") else 0))
+                part[side] = _step_stats(times[side], cpu[side], tokens, _side_flops(part, side), peak)
+                memory_later.append((mode, side, model, fn, opt, _held(cache, side)))
             if "ours+cache" in fns:
                 part["ours+cache"]["cache"] = cache.stats()
                 res["notes"].append(
@@ -615,10 +613,10 @@ def run_bench(s: Shapes, device, *, log=None, compile_pass: bool = False, deadli
                                          f"{s.name}: one training step, {side}, vision encoder {mode}")
                 wall = time.perf_counter() - t0
                 for side, fn in fns.items():
-                    flops = res["train"][mode]["flops_cached" if side.endswith("+cache") else "flops"]["total"]
-                    res["train"][mode][side] = dict(_step_stats(times[side], cpu[side], tokens, flops, peak),
-                                                    wall_incl_compile_s=wall)
-                    compiled_later.append((mode, side, ours, fn, opt, cache.bytes if side.endswith("+cache") else 0))
+                    res["train"][mode][side] = dict(
+                        _step_stats(times[side], cpu[side], tokens, _side_flops(res["train"][mode], side), peak),
+                        wall_incl_compile_s=wall)
+                    compiled_later.append((mode, side, ours, fn, opt, _held(cache, side)))
             opt = fns = None
             if checkpoint:
                 checkpoint(res)
@@ -636,6 +634,16 @@ def run_bench(s: Shapes, device, *, log=None, compile_pass: bool = False, deadli
     res["rows"] = rows(res)
     res["goals"] = goals(res)
     return res
+
+
+def _side_flops(part: dict, side: str) -> float:
+    """A side's FLOPs a step: the cached count for the variants with cached features."""
+    return part["flops_cached" if side.endswith("+cache") else "flops"]["total"]
+
+
+def _held(cache, side: str) -> int:
+    """Bytes a side holds besides its model and optimizer: the feature cache's."""
+    return cache.bytes if side.endswith("+cache") else 0
 
 
 def _step_stats(steps: list[float], cpu_steps: list[float], tokens: int, flops: float, peak) -> dict:

@@ -200,7 +200,8 @@ def train(cfg: RunConfig, *, progress: bool = True, stop_after: int | None = Non
     if cfg.feature_cache:  # one per modality, for this stage only: what is fixed differs by stage
         from mm.modality import FeatureCache
         for mod in model.modalities.values():
-            mod.feature_cache = FeatureCache(cfg.feature_cache * 2 ** 20)
+            if hasattr(mod.encoder, "cache_cut"):  # encoders that can split off a fixed part
+                mod.feature_cache = FeatureCache(cfg.feature_cache * 2 ** 20)
     if d.enabled or cfg.distributed.fsdp_single_process:
         if d.world == 1 and not torch.distributed.is_initialized():
             raise ValueError("distributed.fsdp_single_process needs torchrun (a process group)")

@@ -16,7 +16,6 @@ decoder layer as that image layer), with zero-initialised gates.
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import torch
@@ -72,21 +71,15 @@ class TiledVideoEncoder(VideoEncoder):
               cut: str = "frames") -> torch.Tensor:
         """Per-frame image features (b, f, n, e); padding frames are zeros, not encoded."""
         b, f, T = frames.shape[:3]
-        frame_mask = self._frame_mask(frames, frame_mask)
         if tile_mask is None:
             tile_mask = torch.ones(b, T, dtype=torch.bool, device=frames.device)
         if aspect is None:
             aspect = torch.zeros(b, dtype=torch.long, device=frames.device)
-        keep = frame_mask.flatten().nonzero().squeeze(1)  # (N,) valid frames
-        if keep.numel() == 0:
-            keep = keep.new_zeros(1)  # encode one frame only to learn (n, d); it stays masked
         tiles = tile_mask[:, None].expand(b, f, T).flatten(0, 1)  # (b*f, T)
         grids = aspect[:, None].expand(b, f).flatten()  # (b*f,)
-        grad = torch.no_grad() if self.freeze_image_encoder else contextlib.nullcontext()
-        with grad:
-            feats = self.image_encoder(frames.flatten(0, 1)[keep], tiles[keep], grids[keep])  # (N, n, e)
-        n, e = feats.shape[1:]
-        return feats.new_zeros(b * f, n, e).index_copy(0, keep, feats).view(b, f, n, e)
+        pixels = frames.flatten(0, 1)  # (b*f, T, 3, s, s)
+        return self._per_frame(frames, frame_mask,
+                               lambda keep: self.image_encoder(pixels[keep], tiles[keep], grids[keep]))
 
 
 class SpaceTimeResampler(nn.Module):
