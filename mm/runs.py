@@ -43,7 +43,7 @@ def build_model(cfg: ModelConfig) -> tuple[MultimodalLM, FrozenLLM, dict[str, Mo
     """Frozen LLM + the configured modalities (fresh weights)."""
     llm = get_llm(cfg)
     types = modality_types(cfg)
-    shape = llm_shape(llm.model.config, llm.tokenizer)
+    shape = llm_shape(llm.model.config, llm.tokenizer, llm.model.get_input_embeddings().weight)
     mods = {}
     for name, spec in cfg.modalities.items():
         opts = {k: v for k, v in spec.items() if k != "type"}

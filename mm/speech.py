@@ -67,12 +67,12 @@ def _plural(noun: str) -> str:
 
 _PATTERNS = (  # statements: the frozen LLM repeats them as they are (it would answer questions)
     lambda r: f"the {r.choice(ADJECTIVES)} {r.choice(NOUNS)} {r.choice(VERBS)} the {r.choice(NOUNS)}",
-    lambda r: f"{r.choice(NAMES)} {r.choice(PAST)} a {r.choice(ADJECTIVES)} {r.choice(THINGS)}",
+    lambda r: f"{r.choice(NAMES).title()} {r.choice(PAST)} a {r.choice(ADJECTIVES)} {r.choice(THINGS)}",
     lambda r: f"{r.choice(('we', 'they', 'i', 'you'))} have {r.choice(NUMBERS[1:])} {_plural(r.choice(NOUNS))}",
     lambda r: f"the {r.choice(NOUNS)} is {r.choice(ADJECTIVES)}",
-    lambda r: f"{r.choice(NAMES)} went to the {r.choice(PLACES)}",
-    lambda r: f"my {r.choice(PEOPLE)} lives in {r.choice(COUNTRIES)}",
-    lambda r: f"the capital of {r.choice(COUNTRIES)} is {r.choice(ADJECTIVES)}",
+    lambda r: f"{r.choice(NAMES).title()} went to the {r.choice(PLACES)}",
+    lambda r: f"my {r.choice(PEOPLE)} lives in {r.choice(COUNTRIES).title()}",
+    lambda r: f"the capital of {r.choice(COUNTRIES).title()} is {r.choice(ADJECTIVES)}",
     lambda r: f"{r.choice(NUMBERS[:9])} plus {r.choice(NUMBERS[:9])} is {r.choice(NUMBERS)}",
     lambda r: f"the {r.choice(ANIMALS)} has {r.choice(NUMBERS[:9])} legs",
     lambda r: f"{r.choice(ADJECTIVES)} is the opposite of {r.choice(ADJECTIVES)}",
@@ -83,7 +83,9 @@ _PATTERNS = (  # statements: the frozen LLM repeats them as they are (it would a
 
 def sentences(n: int, *, seed: int = 0) -> list[str]:
     """``n`` short statements (3-7 words) from a vocabulary of about 200 words (those of the
-    built-in spoken questions among them), a function of ``seed``."""
+    built-in spoken questions among them), a function of ``seed``. Names and countries are
+    written as the questions write them (capitalised): a word's tokens differ with its case,
+    and a spoken question's words are learnt from these sentences too."""
     r = random.Random(seed)
     return [r.choice(_PATTERNS)(r) for _ in range(n)]
 
@@ -93,7 +95,9 @@ def questions() -> list[str]:
     out = [f"What is the capital of {c.title()}?" for c in COUNTRIES]
     out += [f"What is the opposite of {a}?" for a in ADJECTIVES]
     out += [f"How many legs does a {a} have?" for a in ANIMALS]
-    out += [f"What is {a} plus {b}?" for a in range(1, 10) for b in range(1, 10)]
+    # numbers as words: spoken digits would need a space token before each, and " " is the
+    # CTC blank of the demo's read-out (a digit's space could never be written)
+    out += [f"What is {a} plus {b}?" for a in NUMBERS[:9] for b in NUMBERS[:9]]
     return out
 
 
@@ -278,7 +282,8 @@ def transcribe_waves(model, types: dict, tokenizer, waves: list[torch.Tensor], *
     """Generate for each 16 kHz waveform (each within the window) with the ASR prompt (or
     ``prompt``; ``""`` for spoken dialogue). Each row decodes at most its own budget of
     ``ceil(seconds * tokens_per_second) + extra_tokens`` tokens, so the text does not depend on
-    the batch. Silent or sub-25 ms waveforms give ``""``."""
+    the batch, and keeps the reply's first line (:func:`first_line`). Silent or sub-25 ms
+    waveforms give ``""``."""
     from mm.data import Sample, collate
     from mm.prompts import encode, end_of_turn_id, mark
 
@@ -302,8 +307,16 @@ def transcribe_waves(model, types: dict, tokenizer, waves: list[torch.Tensor], *
         ids = model.generate(batch.input_ids, batch.attention_mask, media=batch.media,
                              max_new_tokens=max(b for _, _, b in part), eos_token_id=eos)
         for row, (i, _, budget) in zip(ids, part):
-            out[i] = tokenizer.decode(row[:budget], skip_special_tokens=True).strip()
+            out[i] = first_line(tokenizer.decode(row[:budget], skip_special_tokens=True))
     return out
+
+
+def first_line(reply: str) -> str:
+    """A transcript is the reply's first line: ASR targets are one line each, ended by the end
+    of turn, but a frozen LLM that was never trained to stop after one (the demo trains the
+    adapter with CTC only) may write on after a line break ("My woman lives in China.\n\nIn this
+    context, ..."). A chunk of long audio is one line as well; the chunks are joined with spaces."""
+    return reply.strip().split("\n", 1)[0].strip()
 
 
 def transcribe_files(model, types: dict, tokenizer, paths, *, batch_size: int = 8,

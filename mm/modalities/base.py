@@ -25,17 +25,25 @@ class LLMShape:
     norm_eps: float = 1e-5
     # text -> token ids with the LLM's tokenizer (None where no tokenizer is at hand)
     token_ids: Callable[[str], list[int]] | None = field(default=None, compare=False, repr=False)
+    # token id -> a copy of its input embedding (d,) (None where the weights are not at hand)
+    token_embedding: Callable[[int], torch.Tensor] | None = field(default=None, compare=False, repr=False)
 
 
-def llm_shape(config, tokenizer=None) -> LLMShape:
+def llm_shape(config, tokenizer=None, embeddings=None) -> LLMShape:
+    """``embeddings``: the LLM's input embedding table (V, d), for builders that initialise
+    new embeddings from existing rows."""
     c = config.get_text_config() if hasattr(config, "get_text_config") else config
 
     def token_ids(text: str) -> list[int]:
         return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def token_embedding(i: int):
+        return embeddings[i].detach().float().cpu().clone()
     return LLMShape(dim=c.hidden_size, n_layers=c.num_hidden_layers, n_heads=c.num_attention_heads,
                     n_kv_heads=getattr(c, "num_key_value_heads", None) or c.num_attention_heads,
                     norm_eps=getattr(c, "rms_norm_eps", 1e-5),
-                    token_ids=token_ids if tokenizer is not None else None)
+                    token_ids=token_ids if tokenizer is not None else None,
+                    token_embedding=token_embedding if embeddings is not None else None)
 
 
 def xattn_layers(n_layers: int, *, every: int = 4, first: int | None = None,

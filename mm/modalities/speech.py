@@ -52,18 +52,37 @@ def _preset(table: dict, preset: str, what: str):
 
 
 def build(llm: LLMShape, *, encoder: dict | None = None, adapter: dict | None = None,
-          readout: dict | None = None) -> Modality:
+          readout: dict | None = None, boundary_init: str | list[str] | None = None) -> Modality:
     """Speech encoder + adapter sized by presets (``tiny``, ``llama3``) or explicit sizes
     (``preset: custom`` with the builder's keyword arguments).
 
     ``readout: {blank: " "}`` (or ``{blank_id: N}``): the adapter's frames enter the LLM read
     out as its own tokens, blanks moved last (:func:`mm.modality.vocabulary_readout`); off by
-    default (the Llama 3 recipe feeds the frames as they are)."""
+    default (the Llama 3 recipe feeds the frames as they are).
+
+    ``boundary_init``: the two new boundary embeddings (begin, end of speech) start as copies
+    of these one-token texts' input embeddings (one text for both, or a list of two), e.g.
+    ``"\n"``: the speech then reads like a line of its own. They are new parameters either
+    way (no vocabulary row changes) and train like any other; default: small random values."""
     enc = dict(encoder or {})
     e = _preset(ENCODERS, enc.pop("preset", "tiny"), "encoder")(**enc)
     ad = dict(adapter or {})
     a = _preset(ADAPTERS, ad.pop("preset", "tiny"), "adapter")(encoder_dim=e.dim, llm_dim=llm.dim, **ad)
-    return Modality(kind="tokens", encoder=e, adapter=a, llm_dim=llm.dim, readout_blank=_readout_blank(llm, readout))
+    mod = Modality(kind="tokens", encoder=e, adapter=a, llm_dim=llm.dim, readout_blank=_readout_blank(llm, readout))
+    if boundary_init is not None:
+        with torch.no_grad():
+            mod.boundary.copy_(_boundary_rows(llm, boundary_init))
+    return mod
+
+
+def _boundary_rows(llm: LLMShape, texts: str | list[str]) -> torch.Tensor:
+    """(2, d) input embeddings of ``texts`` (one text for both rows, or two)."""
+    texts = [texts, texts] if isinstance(texts, str) else list(texts)
+    if len(texts) != 2:
+        raise ValueError(f"boundary_init takes one text or a list of two, got {len(texts)}")
+    if llm.token_ids is None or llm.token_embedding is None:
+        raise ValueError("boundary_init needs the LLM's tokenizer and input embeddings")
+    return torch.stack([llm.token_embedding(_one_token(llm.token_ids(t), f"boundary_init {t!r}")) for t in texts])
 
 
 def _readout_blank(llm: LLMShape, readout: dict | None) -> int | None:
@@ -301,6 +320,7 @@ class SpeechLMObjective:
         self.ctc_questions = bool(ex.get("ctc_questions", False))
         self.ctc_negatives = int(ex.get("ctc_negatives", 0))
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self._scale = None
         dim = model.llm.get_input_embeddings().weight.shape[1]
         blank = ex.get("ctc_blank", " ")
         self.blank_id = None
@@ -404,7 +424,9 @@ class SpeechLMObjective:
         zero = frames.sum() * 0.0
         if not self.align_weight:
             return ctc, zero
-        scale = weight.detach().float().pow(2).sum(-1).mean()  # typical squared embedding norm
+        if self._scale is None:  # typical squared embedding norm (the table is frozen: once, ~50 ms)
+            self._scale = weight.detach().float().pow(2).sum(-1).mean()
+        scale = self._scale
         align = []
         with torch.no_grad():
             for i, t in enumerate(tgt):

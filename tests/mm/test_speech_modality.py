@@ -15,8 +15,8 @@ from mm.modalities import get_type
 from mm.modalities.base import LLMShape, llm_shape
 from mm.modalities.speech import SPEECH, SpeechInputError, build, record_prompt
 from mm.model import MultimodalLM
-from mm.speech import (espeak_records, qa_agreement, speech_chunks, transcribe_files, transcribe_waves,
-                       word_error_rate)
+from mm.speech import (espeak_records, first_line, qa_agreement, speech_chunks, transcribe_files,
+                       transcribe_waves, word_error_rate)
 from mm.trainable import set_trainable
 from tests.helpers import tiny_llm
 
@@ -126,6 +126,7 @@ def test_batched_transcripts_equal_one_by_one():
     batched = transcribe_waves(model, types, tok, waves, batch_size=6, tokens_per_second=4)
     assert batched == one
     assert one[-1] == "" and sum(bool(t) for t in one) >= 4
+    assert not any("\n" in t for t in one)  # a transcript is the reply's first line
     # the speech encoder + adapter outputs themselves do not depend on the batch
     mod = model.modalities["audio"]
     items = [SPEECH.preprocess(w, mod) for w in waves[:3]]
@@ -201,6 +202,11 @@ def test_bad_input_one_line_error_naming_the_file(tmp_path):
 
 
 # -- metrics -------------------------------------------------------------------------------
+def test_transcript_is_the_first_line_of_the_reply():
+    assert first_line("  My woman lives in China.\n\nIn this context, the sentence") == "My woman lives in China."
+    assert first_line("one line ") == "one line" and first_line("\n after a break\nmore") == "after a break"
+
+
 def test_wer_normalisation_and_agreement():
     assert word_error_rate(["Hello, World!"], ["hello   world"]) == 0.0
     assert word_error_rate(["the red cat", "a dog"], ["the bed cat", ""]) == pytest.approx(3 / 5)
@@ -285,8 +291,9 @@ def test_speech_configs_instantiate(path):
     assert spec.pop("type") == "speech"
     llama3 = "llama3" in path.name
     one_token = lambda text: [220]  # noqa: E731  (the read-out's blank needs a tokenizer)
+    row = lambda i: torch.zeros(576)  # noqa: E731  (boundary_init copies input embeddings)
     shape = (LLMShape(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8) if llama3
-             else LLMShape(576, 30, 9, 3, token_ids=one_token))
+             else LLMShape(576, 30, 9, 3, token_ids=one_token, token_embedding=row))
     with torch.device("meta"):
         mod = build(shape, **spec)
     n = sum(p.numel() for p in mod.parameters())
@@ -395,3 +402,26 @@ def test_readout_options_are_checked():
         build(shape, encoder=ENC, adapter=ADA, readout={"blank": " ", "blank_id": 3})
     with pytest.raises(ValueError, match="needs the LLM's tokenizer"):
         build(LLMShape(dim=16, n_layers=2, n_heads=2, n_kv_heads=2), encoder=ENC, adapter=ADA, readout={"blank": " "})
+
+
+def test_boundary_init_copies_token_embeddings_into_new_parameters():
+    llm = tiny_llm(layers=2)
+    tok = char_tokenizer()
+    table = llm.get_input_embeddings().weight
+    before = table.detach().clone()
+    shape = llm_shape(llm.config, tok, table)
+    nl, dot = tok("\n", add_special_tokens=False)["input_ids"][0], tok(".", add_special_tokens=False)["input_ids"][0]
+    mod = build(shape, encoder=ENC, adapter=ADA, boundary_init="\n")
+    assert torch.equal(mod.boundary[0], table[nl]) and torch.equal(mod.boundary[1], table[nl])
+    mod = build(shape, encoder=ENC, adapter=ADA, boundary_init=["\n", "."])
+    assert torch.equal(mod.boundary[1], table[dot])
+    assert mod.boundary.data_ptr() != table.data_ptr()  # a copy: training it leaves the table alone
+    with torch.no_grad():
+        mod.boundary.add_(1.0)
+    assert torch.equal(table, before)
+    with pytest.raises(ValueError, match="must be one token"):
+        build(shape, encoder=ENC, adapter=ADA, boundary_init="ab")
+    with pytest.raises(ValueError, match="one text or a list of two"):
+        build(shape, encoder=ENC, adapter=ADA, boundary_init=["\n"])
+    with pytest.raises(ValueError, match="needs the LLM's tokenizer and input embeddings"):
+        build(llm_shape(llm.config, tok), encoder=ENC, adapter=ADA, boundary_init="\n")
