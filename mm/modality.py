@@ -177,7 +177,9 @@ def vocabulary_readout(emb: torch.Tensor, mask: torch.Tensor, vocab: torch.Tenso
     """Read adapter frames ``emb`` (b, m, d) as the LLM's own tokens (CTC-style read-out).
 
     Each valid frame becomes the input embedding of its nearest token (forward), with a
-    straight-through gradient to the frame (backward: the identity), and the frames read as
+    straight-through gradient to the frame (backward: the identity). As in CTC decoding, a
+    frame read as the same token as the frame before it repeats that token and counts as a
+    blank ("the the" -> "the"; a token said twice has a blank between). The frames read as
     ``blank`` move behind the others, keeping their order: the LLM then sees the transcript's
     tokens in a row, followed by blanks, instead of tokens scattered between blanks (a CTC
     alignment's shape), which a small frozen LLM copies far less reliably. Used with a CTC
@@ -186,6 +188,9 @@ def vocabulary_readout(emb: torch.Tensor, mask: torch.Tensor, vocab: torch.Tenso
     Padded frames (``mask`` False) stay zero and last.
     """
     idx = nearest_tokens(emb, vocab)  # (b, m)
+    repeat = torch.zeros_like(mask)
+    repeat[:, 1:] = idx[:, 1:] == idx[:, :-1]
+    idx = idx.masked_fill(repeat, blank)
     snapped = vocab[idx].to(emb.dtype)
     out = snapped + (emb - emb.detach()) if emb.requires_grad else snapped  # forward: exactly the rows
     rank = (idx == blank).long() + 2 * (~mask).long()  # tokens, then blanks, then padding

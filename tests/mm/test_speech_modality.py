@@ -369,6 +369,11 @@ def test_vocabulary_readout_snaps_to_tokens_and_moves_blanks_last():
     with torch.no_grad():
         assert torch.equal(vocabulary_readout(frames.detach(), mask, vocab, blank=3), out.detach())
 
+    # CTC collapse: a frame read as the token before it is a blank; a blank between keeps both
+    rep = torch.tensor([[7, 7, 3, 7, 9, 9]])
+    col = vocabulary_readout(vocab[rep], torch.ones(1, 6, dtype=torch.bool), vocab, blank=3)
+    assert torch.equal(col[0], vocab[[7, 7, 9, 3, 3, 3]])
+
 
 def test_readout_model_batched_equals_one_by_one_and_text_is_untouched():
     llm = tiny_llm(layers=2)
