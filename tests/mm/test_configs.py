@@ -29,7 +29,10 @@ def test_config_instantiates(path, smollm2_dir):
     if llm_cfg is None:
         pytest.skip(f"{path.name}: LLM {cfg.model.llm} is a user path")
     tok = transformers.AutoTokenizer.from_pretrained(smollm2_dir) if cfg.model.llm == "smollm2" else None
-    shape = llm_shape(llm_cfg, tok)  # with the tokenizer: a speech read-out names its blank as text
+    # with the tokenizer (a speech read-out names its blank as text) and a stand-in embedding
+    # table (speech boundaries may start as copies of a token's embedding)
+    table = torch.zeros(llm_cfg.vocab_size, llm_cfg.hidden_size) if tok is not None else None
+    shape = llm_shape(llm_cfg, tok, table)
     with torch.device("meta"):  # shapes only: the Llama 3 presets are large
         for name, spec in cfg.model.modalities.items():
             t = get_type(spec.get("type", name))
