@@ -320,8 +320,10 @@ class SpeechLMObjective:
         self.ctc_questions = bool(ex.get("ctc_questions", False))
         self.ctc_negatives = int(ex.get("ctc_negatives", 0))
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self._scale = None
-        dim = model.llm.get_input_embeddings().weight.shape[1]
+        weight = model.llm.get_input_embeddings().weight
+        # the alignment loss's scale: the typical squared embedding norm (the table is frozen)
+        self.scale = float(weight.detach().float().pow(2).sum(-1).mean())
+        dim = weight.shape[1]
         blank = ex.get("ctc_blank", " ")
         self.blank_id = None
         if blank is None:
@@ -424,9 +426,6 @@ class SpeechLMObjective:
         zero = frames.sum() * 0.0
         if not self.align_weight:
             return ctc, zero
-        if self._scale is None:  # typical squared embedding norm (the table is frozen: once, ~50 ms)
-            self._scale = weight.detach().float().pow(2).sum(-1).mean()
-        scale = self._scale
         align = []
         with torch.no_grad():
             for i, t in enumerate(tgt):
@@ -441,7 +440,7 @@ class SpeechLMObjective:
         if not align:
             return ctc, zero
         dist = torch.cat([(frames[i, :n] - classes[lab.to(frames.device)]).pow(2).sum(-1) for i, n, lab in align])
-        return ctc, dist.mean() / scale
+        return ctc, dist.mean() / self.scale
 
 
 class _Vector(nn.Module):
