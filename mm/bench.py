@@ -495,8 +495,8 @@ def run_bench(s: Shapes, device, *, log=None, compile_pass: bool = False, deadli
                 res["notes"].append(
                     "ours+cache: the frozen encoder's output before its trained norm and projection is computed once per "
                     "image and reused (feature_cache:, mm.modality.FeatureCache); PERFORMANCE.md counts a cached "
-                    f"encoder as 0 FLOPs, so its MFU counts {part['flops_cached']['total'] / 1e12:.1f} of the "
-                    f"{part['flops']['total'] / 1e12:.1f} TFLOP a step")
+                    f"encoder as 0 FLOPs, so its MFU counts {_flop_text(part['flops_cached']['total'])} of the "
+                    f"{_flop_text(part['flops']['total'])} a step")
             res["train"][mode] = part
             if profile_dir:
                 for side, fn in fns.items():
@@ -634,6 +634,12 @@ def run_bench(s: Shapes, device, *, log=None, compile_pass: bool = False, deadli
     res["rows"] = rows(res)
     res["goals"] = goals(res)
     return res
+
+
+def _flop_text(flops: float) -> str:
+    """``flops`` in the unit that keeps three significant figures readable (GFLOP on the CPU
+    shapes, TFLOP on the GPU's)."""
+    return f"{flops / 1e12:.2f} TFLOP" if flops >= 1e12 else f"{flops / 1e9:.2f} GFLOP"
 
 
 def _side_flops(part: dict, side: str) -> float:
