@@ -90,15 +90,79 @@ def sentences(n: int, *, seed: int = 0) -> list[str]:
     return [r.choice(_PATTERNS)(r) for _ in range(n)]
 
 
-def questions() -> list[str]:
-    """Candidate spoken questions (text form); the frozen LLM's answers become the targets."""
-    out = [f"What is the capital of {c.title()}?" for c in COUNTRIES]
-    out += [f"What is the opposite of {a}?" for a in ADJECTIVES]
-    out += [f"How many legs does a {a} have?" for a in ANIMALS]
+CAPITALS = {"france": "paris", "germany": "berlin", "italy": "rome", "spain": "madrid", "japan": "tokyo",
+            "china": "beijing", "india": "new delhi", "russia": "moscow", "egypt": "cairo", "kenya": "nairobi",
+            "canada": "ottawa", "mexico": "mexico city", "brazil": "brasilia", "peru": "lima",
+            "chile": "santiago", "norway": "oslo", "sweden": "stockholm", "poland": "warsaw",
+            "greece": "athens", "turkey": "ankara", "iran": "tehran", "iraq": "baghdad", "cuba": "havana",
+            "ireland": "dublin", "austria": "vienna", "portugal": "lisbon", "australia": "canberra",
+            "argentina": "buenos aires", "nigeria": "abuja", "ghana": "accra", "vietnam": "hanoi",
+            "thailand": "bangkok", "belgium": "brussels", "hungary": "budapest", "finland": "helsinki",
+            "denmark": "copenhagen", "morocco": "rabat", "ukraine": "kyiv|kiev", "indonesia": "jakarta",
+            "pakistan": "islamabad"}
+# the adjectives with a clear opposite (colours have none): the words accepted as one
+OPPOSITES = {"big": "small|little", "small": "big|large", "old": "new|young", "new": "old", "young": "old",
+             "happy": "sad|unhappy", "sad": "happy", "fast": "slow", "slow": "fast|quick", "hot": "cold",
+             "cold": "hot|warm", "warm": "cold|cool", "long": "short", "short": "long|tall", "tall": "short",
+             "little": "big|large", "good": "bad|evil", "bad": "good", "quiet": "loud|noisy",
+             "loud": "quiet|soft", "soft": "hard|loud", "hard": "soft|easy", "dark": "light|bright",
+             "bright": "dark|dim", "clean": "dirty|unclean", "dirty": "clean", "funny": "serious|boring",
+             "kind": "unkind|cruel|mean", "heavy": "light", "empty": "full", "full": "empty", "rich": "poor",
+             "poor": "rich", "black": "white", "white": "black"}
+LEGS = {"cat": 4, "dog": 4, "bird": 2, "horse": 4, "cow": 4, "duck": 2, "sheep": 4, "goat": 4, "pig": 4,
+        "lion": 4, "tiger": 4, "bear": 4, "mouse": 4, "rabbit": 4, "frog": 4, "spider": 8, "monkey": 2,
+        "chicken": 2}  # fish and snake left out: no legs is a trick question for a small LLM
+_NUMBER_WORDS = ("zero",) + NUMBERS[:12] + ("thirteen", "fourteen", "fifteen", "sixteen", "seventeen",
+                                            "eighteen", "nineteen", "twenty")
+
+
+def _question_keys() -> dict[str, tuple[str, object]]:
+    """Each built-in spoken question -> (kind, what a correct answer says)."""
+    keys: dict[str, tuple[str, object]] = {}
+    for c, capital in CAPITALS.items():
+        keys[f"What is the capital of {c.title()}?"] = ("words", capital.split("|"))
+    for a, opposite in OPPOSITES.items():
+        keys[f"What is the opposite of {a}?"] = ("words", opposite.split("|"))
+    for a, n in LEGS.items():
+        keys[f"How many legs does a {a} have?"] = ("numbers", n)
     # numbers as words: spoken digits would need a space token before each, and " " is the
     # CTC blank of the demo's read-out (a digit's space could never be written)
-    out += [f"What is {a} plus {b}?" for a in NUMBERS[:9] for b in NUMBERS[:9]]
-    return out
+    for i, a in enumerate(NUMBERS[:9]):
+        for j, b in enumerate(NUMBERS[:9]):
+            keys[f"What is {a} plus {b}?"] = ("sum", i + j + 2)
+    return keys
+
+
+def questions() -> list[str]:
+    """Candidate spoken questions (text form), each with a known correct answer; the frozen
+    LLM's answers become the targets where they are right (:func:`answer_is_correct`)."""
+    return list(_question_keys())
+
+
+def _numbers(text: str) -> list[int]:
+    """The numbers a text states, as digits or words (zero-twenty), in order."""
+    import re
+    words = {w: i for i, w in enumerate(_NUMBER_WORDS)}
+    return [int(t) if t.isdigit() else words[t] for t in re.findall(r"\d+|[a-z]+", text.lower())
+            if t.isdigit() or t in words]
+
+
+def answer_is_correct(question: str, answer: str) -> bool | None:
+    """Whether ``answer`` answers a built-in ``question`` correctly (None: not a built-in one).
+    Capitals and opposites: an accepted word or name appears in it (whole words). Legs: every
+    number it states is the right one. Sums: the last number it states is the sum."""
+    from mm.infer import normalize
+    key = _question_keys().get(question)
+    if key is None:
+        return None
+    kind, expected = key
+    if kind == "words":
+        said = f" {normalize(answer)} "
+        return any(f" {w} " in said for w in expected)
+    found = _numbers(answer)
+    if kind == "numbers":
+        return bool(found) and set(found) == {expected}
+    return bool(found) and found[-1] == expected
 
 
 def _split_of(text: str, eval_fraction: float) -> str:
@@ -109,7 +173,8 @@ def _split_of(text: str, eval_fraction: float) -> str:
 def answer_questions(qs: list[str], *, llm: str = "smollm2", max_new_tokens: int = 20,
                      batch_size: int = 64) -> list[dict]:
     """The frozen LLM's greedy text answers, kept only when they end within ``max_new_tokens``
-    (short targets). Cached per LLM fingerprint in ``$MM_CACHE/speech``."""
+    (short targets) and are right (:func:`answer_is_correct`; a question without a known answer
+    is kept as it is). Every answer is cached per LLM fingerprint in ``$MM_CACHE/speech``."""
     from mm.config import ModelConfig
     from mm.infer import answer_records
     from mm.llm import cache_dir
@@ -117,19 +182,22 @@ def answer_questions(qs: list[str], *, llm: str = "smollm2", max_new_tokens: int
     from mm.runs import get_llm
 
     frozen = get_llm(ModelConfig(llm=llm))
-    key = hashlib.sha1(json.dumps([frozen.fingerprint, qs, max_new_tokens]).encode()).hexdigest()[:16]
+    key = hashlib.sha1(json.dumps([frozen.fingerprint, qs, max_new_tokens, "all answers"]).encode()).hexdigest()[:16]
     path = cache_dir() / "speech" / f"qa-{key}.jsonl"
     if path.exists():
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    model = MultimodalLM(frozen.model, {})
-    answers = answer_records(model, {}, frozen.tokenizer, [{"question": q} for q in qs],
-                             max_new_tokens=max_new_tokens, batch_size=batch_size)
-    tok = frozen.tokenizer
-    out = [{"question": q, "answer": a} for q, a in zip(qs, answers)
-           if a and len(tok(a, add_special_tokens=False)["input_ids"]) <= max_new_tokens - 3]
-    from mm.checkpoint import atomic_write_text
-    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in out))
-    return out
+        every = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    else:
+        model = MultimodalLM(frozen.model, {})
+        answers = answer_records(model, {}, frozen.tokenizer, [{"question": q} for q in qs],
+                                 max_new_tokens=max_new_tokens, batch_size=batch_size)
+        tok = frozen.tokenizer
+        every = [{"question": q, "answer": a,
+                  "short": bool(a) and len(tok(a, add_special_tokens=False)["input_ids"]) <= max_new_tokens - 3}
+                 for q, a in zip(qs, answers)]
+        from mm.checkpoint import atomic_write_text
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in every))
+    return [{"question": r["question"], "answer": r["answer"]} for r in every
+            if r["short"] and answer_is_correct(r["question"], r["answer"]) is not False]
 
 
 # -- synthetic speech data -------------------------------------------------------------

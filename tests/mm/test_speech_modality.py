@@ -15,8 +15,8 @@ from mm.modalities import get_type
 from mm.modalities.base import LLMShape, llm_shape
 from mm.modalities.speech import SPEECH, SpeechInputError, build, record_prompt
 from mm.model import MultimodalLM
-from mm.speech import (espeak_records, first_line, qa_agreement, speech_chunks, transcribe_files,
-                       transcribe_waves, word_error_rate)
+from mm.speech import (answer_is_correct, espeak_records, first_line, qa_agreement, questions, speech_chunks,
+                       transcribe_files, transcribe_waves, word_error_rate)
 from mm.trainable import set_trainable
 from tests.helpers import tiny_llm
 
@@ -212,6 +212,27 @@ def test_wer_normalisation_and_agreement():
     assert word_error_rate(["the red cat", "a dog"], ["the bed cat", ""]) == pytest.approx(3 / 5)
     assert qa_agreement(["The capital is Paris.", None], ["the capital is paris", "4"]) == 0.5
 
+
+
+def test_spoken_questions_keep_only_right_answers():
+    # the built-in questions each have a known answer; the frozen LLM's answer is a target
+    # only when it is right (and short)
+    qs = questions()
+    assert len(qs) == len(set(qs)) and all(answer_is_correct(q, "") is False for q in qs)
+    assert "What is the opposite of red?" not in qs  # colours have no opposite to check
+    assert answer_is_correct("What is the capital of France?", "The capital of France is Paris.")
+    assert not answer_is_correct("What is the capital of Italy?", "Il Coriobella, Italy.")
+    assert not answer_is_correct("What is the capital of Turkey?", "The capital of Turkey is Istanbul.")
+    assert answer_is_correct("What is the capital of Ukraine?", "Kyiv.")
+    assert answer_is_correct("What is the opposite of full?", "The opposite of full is empty.")
+    assert not answer_is_correct("What is the opposite of kind?", "The opposite of kind is kindness.")
+    assert answer_is_correct("How many legs does a dog have?", "The answer is 4. A dog has four legs.")
+    assert not answer_is_correct("How many legs does a monkey have?", "It is 23. A monkey has two legs.")
+    assert not answer_is_correct("How many legs does a cow have?", "A cow has 5 legs.")
+    assert answer_is_correct("What is five plus one?", "The answer to this classic math problem is 5 + 1 = 6.")
+    assert not answer_is_correct("What is one plus six?", "One plus six is 10 + 6, which equals 6.")
+    assert not answer_is_correct("What is one plus eight?", "To add them, you simply add them together.")
+    assert answer_is_correct("What did the speaker ask for?", "tea") is None  # not a built-in question
 
 # -- stages end to end ---------------------------------------------------------------------
 def stage_config(name: str, llm_dir: Path, out: Path, sources: list[dict], **over):
