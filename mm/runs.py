@@ -95,6 +95,28 @@ def placement_mismatches(model: MultimodalLM, run_dir: Path, copy: dict[str, str
     return lines
 
 
+def init_option_mismatches(cfg: RunConfig, types: dict[str, ModalityType], run_dir: Path) -> list[str]:
+    """One line for each modality option that only sets starting values (its type's
+    ``init_options``, e.g. speech's ``boundary_init``) and differs between this stage and the
+    ``init_from`` run: the run's tensors are loaded over this stage's initialisation, so the
+    option here has no effect (set it in the run that first builds the modality)."""
+    try:
+        theirs = load_config(Path(run_dir) / "config.yaml").model.modalities
+    except (OSError, ConfigError, ValueError):
+        return []
+    lines = []
+    for name, t in sorted(types.items()):
+        if name not in theirs:
+            continue
+        ours = cfg.model.modalities.get(name) or {}
+        for opt in t.init_options:
+            a, b = ours.get(opt), (theirs.get(name) or {}).get(opt)
+            if a != b:
+                lines.append(f"init_from: {name}.{opt} is {a!r} here but {b!r} in {run_dir}; that run's "
+                             f"values are loaded, so this setting has no effect (set it in the first run)")
+    return lines
+
+
 def _copied(tensors: dict, dst: str, src: str, own: dict) -> dict:
     """The tensors under prefix ``src``, renamed to prefix ``dst``. A ``*`` in both stands for
     a layer index: ``video.xattn.*.q_proj: image.xattn.*.q_proj`` copies each image block's

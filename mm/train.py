@@ -25,7 +25,8 @@ from mm.config import RunConfig, save_config
 from mm.distributed import Dist, barrier, enable_checkpointing, full_tensor, setup, shard
 from mm.llm import text_fingerprint
 from mm.objectives import get_objective
-from mm.runs import build_model, check_fingerprint, load_weights, placement_mismatches, save_model
+from mm.runs import (build_model, check_fingerprint, init_option_mismatches, load_weights, placement_mismatches,
+                     save_model)
 from mm.trainable import describe, set_trainable
 
 log = logging.getLogger("mm")
@@ -180,7 +181,8 @@ def train(cfg: RunConfig, *, progress: bool = True, stop_after: int | None = Non
     if cfg.init_from:
         missing = load_weights(model, Path(cfg.init_from), strict=False, copy=cfg.init_copy)
         log.info("initialised from %s (%d new tensors)", cfg.init_from, len(missing))
-        for line in placement_mismatches(model, Path(cfg.init_from), cfg.init_copy):
+        for line in (placement_mismatches(model, Path(cfg.init_from), cfg.init_copy)
+                     + init_option_mismatches(cfg, types, Path(cfg.init_from))):
             log.warning(line)
     trainable = set_trainable(model, cfg.trainable)
     objective = get_objective(cfg.objective)(cfg, model, types, llm.tokenizer)

@@ -85,6 +85,9 @@ class ModalityType:
         sources: built-in data source types, name -> ``f(**options) -> list[record]``.
         record_prompt: ``f(record) -> user text or None``: the prompt for a manifest record
             without a ``question`` (e.g. from its ``task`` field).
+        init_options: ``build`` options that only set parameters' starting values; a stage
+            started with ``init_from`` loads the earlier run's values instead, so a difference
+            between the two runs' settings is reported (``mm.runs.init_option_mismatches``).
     """
 
     name: str
@@ -99,6 +102,7 @@ class ModalityType:
     prompt: str = "Describe this."
     sources: dict[str, Callable[..., list[dict]]] = field(default_factory=dict)
     record_prompt: Callable[[dict], str | None] | None = None
+    init_options: tuple[str, ...] = ()
 
     def make_empty(self, item):
         if self.empty is not None:

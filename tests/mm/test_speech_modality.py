@@ -234,6 +234,7 @@ def test_spoken_questions_keep_only_right_answers():
     assert not answer_is_correct("What is one plus eight?", "To add them, you simply add them together.")
     assert answer_is_correct("What did the speaker ask for?", "tea") is None  # not a built-in question
 
+
 # -- stages end to end ---------------------------------------------------------------------
 def stage_config(name: str, llm_dir: Path, out: Path, sources: list[dict], **over):
     cfg = load_config(ROOT / "configs" / "demo" / f"{name}.yaml", [
@@ -284,6 +285,13 @@ def test_speech_stages_end_to_end_with_bad_samples(tmp_path, llm_dir):
     t1, _ = load_tensors(ad / "model" / "modalities.safetensors")
     key = "audio.encoder.stacker.proj.weight"
     assert not torch.equal(t0[key], t1[key])
+    # an option that only sets starting values differs from the init_from run's: reported
+    from mm.runs import init_option_mismatches
+    other, speech = stage_config("speech_adapter", llm_dir, tmp_path / "x", sources), {"audio": get_type("speech")}
+    assert init_option_mismatches(other, speech, pre) == []  # both demo stages set boundary_init "\n"
+    other.model.modalities["audio"]["boundary_init"] = None
+    [line] = init_option_mismatches(other, speech, pre)
+    assert "audio.boundary_init is None here but '\\n'" in line and str(pre) in line and "\n" not in line
 
 
 def test_speech_lm_without_ctc_is_the_lm_objective(tmp_path, llm_dir):
