@@ -19,6 +19,7 @@ Notation: s=samples (16 kHz), b=batch.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -116,8 +117,9 @@ _NUMBER_WORDS = ("zero",) + NUMBERS[:12] + ("thirteen", "fourteen", "fifteen", "
                                             "eighteen", "nineteen", "twenty")
 
 
+@functools.lru_cache(maxsize=1)
 def _question_keys() -> dict[str, tuple[str, object]]:
-    """Each built-in spoken question -> (kind, what a correct answer says)."""
+    """Each built-in spoken question -> (kind, what a correct answer says); not to be changed."""
     keys: dict[str, tuple[str, object]] = {}
     for c, capital in CAPITALS.items():
         keys[f"What is the capital of {c.title()}?"] = ("words", capital.split("|"))
