@@ -198,8 +198,12 @@ def answer_questions(qs: list[str], *, llm: str = "smollm2", max_new_tokens: int
                  for q, a in zip(qs, answers)]
         from mm.checkpoint import atomic_write_text
         atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in every))
-    return [{"question": r["question"], "answer": r["answer"]} for r in every
+    wrong = sum(answer_is_correct(r["question"], r["answer"]) is False for r in every)
+    kept = [{"question": r["question"], "answer": r["answer"]} for r in every
             if r["short"] and answer_is_correct(r["question"], r["answer"]) is not False]
+    log.info("spoken QA: %d of %d questions kept (%d answered wrongly, %d right but long)", len(kept), len(every),
+             wrong, len(every) - len(kept) - wrong)
+    return kept
 
 
 # -- synthetic speech data -------------------------------------------------------------
