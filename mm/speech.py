@@ -127,6 +127,9 @@ def _question_keys() -> dict[str, tuple[str, object]]:
         keys[f"What is the opposite of {a}?"] = ("words", opposite.split("|"))
     for a, n in LEGS.items():
         keys[f"How many legs does a {a} have?"] = ("numbers", n)
+    for noun in NOUNS:  # fish and sheep left out: a plural equal to the noun cannot be told from an echo
+        if _plural(noun) != noun:
+            keys[f"What is the plural of {noun}?"] = ("words", [_plural(noun)])
     # numbers as words: spoken digits would need a space token before each, and " " is the
     # CTC blank of the demo's read-out (a digit's space could never be written)
     for i, a in enumerate(NUMBERS[:9]):
@@ -151,7 +154,7 @@ def _numbers(text: str) -> list[int]:
 
 def answer_is_correct(question: str, answer: str) -> bool | None:
     """Whether ``answer`` answers a built-in ``question`` correctly (None: not a built-in one).
-    Capitals and opposites: an accepted word or name appears in it (whole words). Legs: every
+    Capitals, opposites and plurals: an accepted word or name appears in it (whole words). Legs: every
     number it states is the right one. Sums: the last number it states is the sum."""
     from mm.infer import normalize
     key = _question_keys().get(question)

@@ -232,6 +232,9 @@ def test_spoken_questions_keep_only_right_answers():
     assert answer_is_correct("What is five plus one?", "The answer to this classic math problem is 5 + 1 = 6.")
     assert not answer_is_correct("What is one plus six?", "One plus six is 10 + 6, which equals 6.")
     assert not answer_is_correct("What is one plus eight?", "To add them, you simply add them together.")
+    assert answer_is_correct("What is the plural of mouse?", "The plural of mouse is mice.")
+    assert not answer_is_correct("What is the plural of boy?", "The plural of boy is boy.")
+    assert "What is the plural of sheep?" not in qs  # an echo of the noun would pass for its plural
     assert answer_is_correct("What did the speaker ask for?", "tea") is None  # not a built-in question
 
 
