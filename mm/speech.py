@@ -113,8 +113,8 @@ OPPOSITES = {"big": "small|little", "small": "big|large", "old": "new|young", "n
 LEGS = {"cat": 4, "dog": 4, "bird": 2, "horse": 4, "cow": 4, "duck": 2, "sheep": 4, "goat": 4, "pig": 4,
         "lion": 4, "tiger": 4, "bear": 4, "mouse": 4, "rabbit": 4, "frog": 4, "spider": 8, "monkey": 2,
         "chicken": 2}  # fish and snake left out: no legs is a trick question for a small LLM
-_NUMBER_WORDS = ("zero",) + NUMBERS[:12] + ("thirteen", "fourteen", "fifteen", "sixteen", "seventeen",
-                                            "eighteen", "nineteen", "twenty")
+_NUMBER_WORDS = {w: i for i, w in enumerate(("zero",) + NUMBERS[:12] + (
+    "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen", "twenty"))}  # word -> value
 
 
 @functools.lru_cache(maxsize=1)
@@ -128,8 +128,8 @@ def _question_keys() -> dict[str, tuple[str, object]]:
     for a, n in LEGS.items():
         keys[f"How many legs does a {a} have?"] = ("numbers", n)
     for noun in NOUNS:  # fish and sheep left out: a plural equal to the noun cannot be told from an echo
-        if _plural(noun) != noun:
-            keys[f"What is the plural of {noun}?"] = ("words", [_plural(noun)])
+        if (plural := _plural(noun)) != noun:
+            keys[f"What is the plural of {noun}?"] = ("words", [plural])
     # numbers as words: spoken digits would need a space token before each, and " " is the
     # CTC blank of the demo's read-out (a digit's space could never be written)
     for i, a in enumerate(NUMBERS[:9]):
@@ -147,9 +147,8 @@ def questions() -> list[str]:
 def _numbers(text: str) -> list[int]:
     """The numbers a text states, as digits or words (zero-twenty), in order."""
     import re
-    words = {w: i for i, w in enumerate(_NUMBER_WORDS)}
-    return [int(t) if t.isdigit() else words[t] for t in re.findall(r"\d+|[a-z]+", text.lower())
-            if t.isdigit() or t in words]
+    return [int(t) if t.isdigit() else _NUMBER_WORDS[t] for t in re.findall(r"\d+|[a-z]+", text.lower())
+            if t.isdigit() or t in _NUMBER_WORDS]
 
 
 def answer_is_correct(question: str, answer: str) -> bool | None:
@@ -201,9 +200,9 @@ def answer_questions(qs: list[str], *, llm: str = "smollm2", max_new_tokens: int
                  for q, a in zip(qs, answers)]
         from mm.checkpoint import atomic_write_text
         atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in every))
-    wrong = sum(answer_is_correct(r["question"], r["answer"]) is False for r in every)
-    kept = [{"question": r["question"], "answer": r["answer"]} for r in every
-            if r["short"] and answer_is_correct(r["question"], r["answer"]) is not False]
+    right = [answer_is_correct(r["question"], r["answer"]) is not False for r in every]
+    wrong = right.count(False)
+    kept = [{"question": r["question"], "answer": r["answer"]} for r, ok in zip(every, right) if r["short"] and ok]
     log.info("spoken QA: %d of %d questions kept (%d answered wrongly, %d right but long)", len(kept), len(every),
              wrong, len(every) - len(kept) - wrong)
     return kept
