@@ -473,6 +473,23 @@ def qa_agreement(speech_answers: list[str | None], text_answers: list[str]) -> f
     return sum(exact_match(s, t) for s, t in zip(speech_answers, text_answers)) / len(text_answers)
 
 
+def qa_answer_agreement(questions: list[str | None], speech_answers: list[str | None],
+                        text_answers: list[str]) -> float:
+    """Like :func:`qa_agreement`, but two answers to a built-in question (one with an answer
+    key, :func:`answer_is_correct`) also agree when both are right in other words ("The capital
+    of Iran is Tehran." and "... is known as Tehran."). Other questions: exact match."""
+    from mm.infer import exact_match
+    if not text_answers:
+        raise ValueError("qa_answer_agreement needs at least one question")
+    agree = 0
+    for q, s, t in zip(questions, speech_answers, text_answers):
+        if s is not None and exact_match(s, t):
+            agree += 1
+        elif s is not None and q is not None and answer_is_correct(q, t) and answer_is_correct(q, s):
+            agree += 1
+    return agree / len(text_answers)
+
+
 # -- evaluation and the CPU demo ---------------------------------------------------------
 TARGETS = {"speech.wer": ("<=", 0.15), "speech.qa_agreement": (">=", 0.70)}
 
@@ -481,9 +498,10 @@ def evaluate_speech(model, types: dict, tokenizer, sources: list[dict], *, batch
                     samples: int = 5) -> dict:
     """Per source (named by its optional ``name``, else ``task``): WER of ``task: asr``
     records, and for ``task: qa`` records (whose ``text`` is the LLM's answer to the question
-    in text) the agreement of the answer to the spoken question with it.
+    in text) the agreement of the answer to the spoken question with it: exact
+    (``qa_agreement``) and by answer (``answer_agreement``, :func:`qa_answer_agreement`).
 
-    Returns ``{name: {"wer" | "qa_agreement": x, "n": n, "samples": [...]}}``.
+    Returns ``{name: {"wer": x | "qa_agreement": x, "answer_agreement": y, "n": n, "samples": [...]}}``.
     """
     from mm.data import _paths, load_source
     from mm.infer import answer_records
@@ -507,7 +525,10 @@ def evaluate_speech(model, types: dict, tokenizer, sources: list[dict], *, batch
             limit = max(24, max(len(tokenizer(r["text"])["input_ids"]) for r in recs) + 4)
             preds = answer_records(model, types, tokenizer, [{name: str(p), "task": "qa"} for p in paths],
                                    batch_size=batch_size, on_error="skip", max_new_tokens=limit)
-            out[label] = {"qa_agreement": round(qa_agreement(preds, [r["text"] for r in recs]), 4), "n": len(recs),
+            texts, asked = [r["text"] for r in recs], [r.get("spoken") for r in recs]
+            out[label] = {"qa_agreement": round(qa_agreement(preds, texts), 4),
+                          "answer_agreement": round(qa_answer_agreement(asked, preds, texts), 4),
+                          "n": len(recs),
                           "questions": len({r.get("spoken") for r in recs}),
                           "samples": [{"question": r.get("spoken"), "text_answer": r["text"], "speech_answer": p,
                                        "voice": r.get("voice")} for r, p in list(zip(recs, preds))[:samples]]}
@@ -573,6 +594,7 @@ def run_speech_demo(out_dir: Path, *, llm_spec: str = "smollm2", fast: bool = Fa
     metrics = {
         "speech.wer": asr.get("wer"),
         "speech.qa_agreement": qa.get("qa_agreement"),
+        "speech.qa_answer_agreement": qa.get("answer_agreement"),
         "speech.seconds": seconds,
         "speech.targets": {k: f"{op} {v}" for k, (op, v) in TARGETS.items()},
         "speech.eval": ev,

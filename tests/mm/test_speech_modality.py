@@ -15,8 +15,8 @@ from mm.modalities import get_type
 from mm.modalities.base import LLMShape, llm_shape
 from mm.modalities.speech import SPEECH, SpeechInputError, build, record_prompt
 from mm.model import MultimodalLM
-from mm.speech import (answer_is_correct, espeak_records, first_line, qa_agreement, questions, speech_chunks,
-                       transcribe_files, transcribe_waves, word_error_rate)
+from mm.speech import (answer_is_correct, espeak_records, first_line, qa_agreement, qa_answer_agreement, questions,
+                       speech_chunks, transcribe_files, transcribe_waves, word_error_rate)
 from mm.trainable import set_trainable
 from tests.helpers import tiny_llm
 
@@ -211,7 +211,15 @@ def test_wer_normalisation_and_agreement():
     assert word_error_rate(["Hello, World!"], ["hello   world"]) == 0.0
     assert word_error_rate(["the red cat", "a dog"], ["the bed cat", ""]) == pytest.approx(3 / 5)
     assert qa_agreement(["The capital is Paris.", None], ["the capital is paris", "4"]) == 0.5
-
+    # by answer: a right answer in other words agrees with the text's right answer; a wrong
+    # one, a missing one, or a reworded answer to a question without an answer key does not
+    iran = "What is the capital of Iran?"
+    text = "The capital of Iran is known as Tehran."
+    assert qa_agreement(["The capital of Iran is  Tehran."], [text]) == 0.0
+    assert qa_answer_agreement([iran, iran, iran, None, "Why?"],
+                               ["The capital of Iran is  Tehran.", "The capital of Iraq is Baghdad.", None,
+                                "the capital is paris", "Because."],
+                               [text, text, text, "The capital is Paris.", "Since."]) == pytest.approx(2 / 5)
 
 
 def test_spoken_questions_keep_only_right_answers():
