@@ -481,13 +481,13 @@ def qa_answer_agreement(questions: list[str | None], speech_answers: list[str | 
     from mm.infer import exact_match
     if not text_answers:
         raise ValueError("qa_answer_agreement needs at least one question")
-    agree = 0
-    for q, s, t in zip(questions, speech_answers, text_answers):
-        if s is not None and exact_match(s, t):
-            agree += 1
-        elif s is not None and q is not None and answer_is_correct(q, t) and answer_is_correct(q, s):
-            agree += 1
-    return agree / len(text_answers)
+
+    def agree(q: str | None, s: str | None, t: str) -> bool:
+        if s is None:
+            return False
+        return exact_match(s, t) or (q is not None and bool(answer_is_correct(q, t)) and bool(answer_is_correct(q, s)))
+
+    return sum(agree(q, s, t) for q, s, t in zip(questions, speech_answers, text_answers)) / len(text_answers)
 
 
 # -- evaluation and the CPU demo ---------------------------------------------------------
@@ -529,7 +529,7 @@ def evaluate_speech(model, types: dict, tokenizer, sources: list[dict], *, batch
             out[label] = {"qa_agreement": round(qa_agreement(preds, texts), 4),
                           "answer_agreement": round(qa_answer_agreement(asked, preds, texts), 4),
                           "n": len(recs),
-                          "questions": len({r.get("spoken") for r in recs}),
+                          "questions": len(set(asked)),
                           "samples": [{"question": r.get("spoken"), "text_answer": r["text"], "speech_answer": p,
                                        "voice": r.get("voice")} for r, p in list(zip(recs, preds))[:samples]]}
     return out
