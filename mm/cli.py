@@ -138,18 +138,46 @@ def cmd_eval(a) -> int:
     model, llm, types, cfg = load_run(a.model)
     sources = cfg.eval.sources
     if a.manifest:
-        sources = [{"type": "manifest", "path": m} for m in a.manifest]
+        sources = [{"type": "manifest", "path": m, "name": m} for m in a.manifest]
     if not sources:
         raise ValueError(f"{a.model}: no eval sources in its config; give --manifest FILE")
-    res = evaluate(model, types, llm.tokenizer, sources, batch_size=a.batch_size, preprocess=cfg.data.preprocess,
-                   prefix_cache=cfg.eval.prefix_cache)
+    speech, other = _speech_sources(sources, types)
+    res: dict = {}
+    if other:
+        res = evaluate(model, types, llm.tokenizer, other, batch_size=a.batch_size, preprocess=cfg.data.preprocess,
+                       prefix_cache=cfg.eval.prefix_cache)
+    if speech:  # WER and spoken-QA agreement instead of exact match
+        from mm.speech import evaluate_speech
+        res["speech"] = evaluate_speech(model, types, llm.tokenizer, speech, batch_size=a.batch_size)
     if a.json:
         print(json.dumps(res, indent=2))
-    else:
-        for task, r in res.items():
-            if isinstance(r, dict):
-                print(f"{task}: exact match {r['exact_match']:.3f} on {r['n']} (bad inputs: {r['bad']})")
+        return 0
+    for task, r in res.items():
+        if task == "speech":
+            for label, v in r.items():
+                print(f"{label}: WER {v['wer']:.3f} on {v['n']}" if "wer" in v else
+                      f"{label}: answer agreement {v['qa_agreement']:.3f} exact, {v['answer_agreement']:.3f} "
+                      f"by answer, on {v['n']} ({v['questions']} questions)")
+        elif isinstance(r, dict):
+            print(f"{task}: exact match {r['exact_match']:.3f} on {r['n']} (bad inputs: {r['bad']})")
     return 0
+
+
+def _speech_sources(sources: list[dict], types: dict) -> tuple[list[dict], list[dict]]:
+    """(speech sources, the others) of a run's eval sources: with a speech modality, the
+    espeak sources, those of task asr/qa, and manifests whose records carry audio."""
+    from mm.data import load_source
+    from mm.modalities.speech import speech_modality_name
+    try:
+        name = speech_modality_name(types)
+    except KeyError:
+        return [], list(sources)
+    speech, other = [], []
+    for s in sources:
+        is_speech = s.get("type") == "espeak" or s.get("task") in ("asr", "qa") or (
+            s.get("type") == "manifest" and any(r.get(name) is not None for r in load_source(s, types)))
+        (speech if is_speech else other).append(s)
+    return speech, other
 
 
 def cmd_modalities(a) -> int:
@@ -237,7 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_transcribe)
 
-    e = sub.add_parser("eval", help="evaluate a run on its eval sources or a manifest")
+    e = sub.add_parser("eval", help="evaluate a run on its eval sources or a manifest (exact match per task; "
+                                    "WER and spoken-QA answer agreement for speech)")
     e.add_argument("--model", required=True)
     e.add_argument("--manifest", action="append")
     e.add_argument("--batch-size", type=int, default=32)

@@ -496,43 +496,53 @@ TARGETS = {"speech.wer": ("<=", 0.15), "speech.qa_agreement": (">=", 0.70)}
 
 def evaluate_speech(model, types: dict, tokenizer, sources: list[dict], *, batch_size: int = 32,
                     samples: int = 5) -> dict:
-    """Per source (named by its optional ``name``, else ``task``): WER of ``task: asr``
-    records, and for ``task: qa`` records (whose ``text`` is the LLM's answer to the question
-    in text) the agreement of the answer to the spoken question with it: exact
+    """Per source and task (a record's own ``task``, else the source's, else ``asr``; named by
+    the source's ``name``, with ``.task`` when a manifest mixes tasks, else by the task): WER
+    of ``asr`` records, and for ``qa`` records (whose ``text`` is the LLM's answer to the
+    question in text) the agreement of the answer to the spoken question with it: exact
     (``qa_agreement``) and by answer (``answer_agreement``, :func:`qa_answer_agreement`).
 
     Returns ``{name: {"wer": x | "qa_agreement": x, "answer_agreement": y, "n": n, "samples": [...]}}``.
     """
-    from mm.data import _paths, load_source
-    from mm.infer import answer_records
+    from mm.data import load_source
 
     name = speech_modality_name(types)
     out: dict = {}
     for src in sources:
         src = dict(src)
-        label = src.pop("name", None) or src.get("task", "asr")
-        recs = [r for r in load_source(src, types) if "_error" not in r]
-        if not recs:
-            continue
-        paths = [_paths(r, name)[0] for r in recs]
-        if src.get("task", "asr") == "asr":
-            hyps = [o["text"] for o in transcribe_files(model, types, tokenizer, paths, batch_size=batch_size)]
-            refs = [r["text"] for r in recs]
-            out[label] = {"wer": round(word_error_rate(refs, hyps), 4), "n": len(recs),
-                          "samples": [{"reference": r, "transcript": h, "voice": rec.get("voice")}
-                                      for r, h, rec in list(zip(refs, hyps, recs))[:samples]]}
-        else:
-            limit = max(24, max(len(tokenizer(r["text"])["input_ids"]) for r in recs) + 4)
-            preds = answer_records(model, types, tokenizer, [{name: str(p), "task": "qa"} for p in paths],
-                                   batch_size=batch_size, on_error="skip", max_new_tokens=limit)
-            texts, asked = [r["text"] for r in recs], [r.get("spoken") for r in recs]
-            out[label] = {"qa_agreement": round(qa_agreement(preds, texts), 4),
-                          "answer_agreement": round(qa_answer_agreement(asked, preds, texts), 4),
-                          "n": len(recs),
-                          "questions": len(set(asked)),
-                          "samples": [{"question": r.get("spoken"), "text_answer": r["text"], "speech_answer": p,
-                                       "voice": r.get("voice")} for r, p in list(zip(recs, preds))[:samples]]}
+        base = src.pop("name", None)
+        by_task: dict[str, list[dict]] = {}
+        for r in load_source(src, types):
+            if "_error" not in r:
+                by_task.setdefault(r.get("task") or src.get("task", "asr"), []).append(r)
+        for task, recs in by_task.items():  # a manifest may mix ASR and spoken-QA records
+            label = (base if len(by_task) == 1 else f"{base}.{task}") if base else task
+            out[label] = _score_speech(model, types, tokenizer, name, task, recs, batch_size, samples)
     return out
+
+
+def _score_speech(model, types, tokenizer, name: str, task: str, recs: list[dict], batch_size: int,
+                  samples: int) -> dict:
+    """WER of ASR records, or the answer agreement of spoken-QA records (see :func:`evaluate_speech`)."""
+    from mm.data import _paths
+    from mm.infer import answer_records
+
+    paths = [_paths(r, name)[0] for r in recs]
+    if task == "asr":
+        hyps = [o["text"] for o in transcribe_files(model, types, tokenizer, paths, batch_size=batch_size)]
+        refs = [r["text"] for r in recs]
+        return {"wer": round(word_error_rate(refs, hyps), 4), "n": len(recs),
+                "samples": [{"reference": r, "transcript": h, "voice": rec.get("voice")}
+                            for r, h, rec in list(zip(refs, hyps, recs))[:samples]]}
+    limit = max(24, max(len(tokenizer(r["text"])["input_ids"]) for r in recs) + 4)
+    preds = answer_records(model, types, tokenizer, [{name: str(p), "task": "qa"} for p in paths],
+                           batch_size=batch_size, on_error="skip", max_new_tokens=limit)
+    texts, asked = [r["text"] for r in recs], [r.get("spoken") for r in recs]
+    return {"qa_agreement": round(qa_agreement(preds, texts), 4),
+            "answer_agreement": round(qa_answer_agreement(asked, preds, texts), 4),
+            "n": len(recs), "questions": len(set(asked)),
+            "samples": [{"question": r.get("spoken"), "text_answer": r["text"], "speech_answer": p,
+                         "voice": r.get("voice")} for r, p in list(zip(recs, preds))[:samples]]}
 
 
 def _cpu() -> float:

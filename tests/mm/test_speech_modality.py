@@ -257,7 +257,7 @@ def stage_config(name: str, llm_dir: Path, out: Path, sources: list[dict], **ove
     return cfg
 
 
-def test_speech_stages_end_to_end_with_bad_samples(tmp_path, llm_dir):
+def test_speech_stages_end_to_end_with_bad_samples(tmp_path, llm_dir, capsys):
     from mm.runs import load_run
     from mm.train import train
 
@@ -290,6 +290,18 @@ def test_speech_stages_end_to_end_with_bad_samples(tmp_path, llm_dir):
     model, frozen, types, _ = load_run(ad)
     out = transcribe_files(model, types, frozen.tokenizer, [tmp_path / "asr" / recs[0]["audio"]])
     assert out[0]["file"].endswith("000000.wav") and isinstance(out[0]["text"], str)
+    # mm eval on a speech run: WER for the ASR records, answer agreement for the spoken-QA ones
+    from mm.cli import main
+    evals = tmp_path / "eval.jsonl"
+    evals.write_text("\n".join(json.dumps(x) for x in lines[:2] + lines[-1:]) + "\n")
+    capsys.readouterr()
+    assert main(["eval", "--model", str(ad), "--manifest", str(evals), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)["speech"]  # by manifest and task
+    assert res[f"{evals}.asr"]["n"] == 2 and res[f"{evals}.asr"]["wer"] >= 0
+    assert res[f"{evals}.qa"]["n"] == 1 and 0 <= res[f"{evals}.qa"]["answer_agreement"] <= 1
+    assert main(["eval", "--model", str(ad), "--manifest", str(evals)]) == 0
+    printed = capsys.readouterr().out
+    assert f"{evals}.asr: WER" in printed and f"{evals}.qa: answer agreement" in printed
     # the encoder of stage 0 was the starting point of stage 1; stage 1 changed it
     from mm.checkpoint import load_tensors
     t0, _ = load_tensors(pre / "model" / "modalities.safetensors")
