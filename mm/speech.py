@@ -269,7 +269,7 @@ def espeak_records(*, n: int = 1000, task: str = "asr", texts: str = "sentences"
     pool = _voices(voices)
     opts = dict(n=n, task=task, texts=texts, voices=list(pool), seed=seed, rate=list(rate), pitch=list(pitch),
                 split=split, eval_fraction=eval_fraction, llm=llm, max_answer_tokens=max_answer_tokens,
-                key=key, language=language, version=1)
+                key=key, language=language, version=2)  # 2: seeded noise (mm.sources.espeak)
     pairs = _texts(texts, n=n, seed=seed, split=split, eval_fraction=eval_fraction, llm=llm,
                    max_answer_tokens=max_answer_tokens)
     if not pairs:

@@ -4,6 +4,15 @@ No system install: the package ships libespeak-ng and its voice data; we drive t
 through ctypes (synchronous output, a synth callback collecting int16 samples at 22,050 Hz).
 eSpeak is process-global state, so every call holds a lock; a forked child gets a fresh lock.
 
+Reproducible audio: eSpeak seeds its random generator from the clock when it starts, and its
+noise sources draw from it and from the C library's ``rand()``, so the same request gave
+different samples in every run (a quarter of the demo's utterances differed between two
+fresh runs). Each utterance now seeds both from its text, voice, rate and pitch. What remains
+is the pitch flutter's phase, a counter inside eSpeak's wave generator that runs on over
+every utterance spoken in the process and that no API resets: an utterance's samples depend
+on what was spoken before it in the same process, so the same sequence of requests (the
+demo's data, made in a fixed order) gives the same audio in every run.
+
 Voices are "<language>+<variant>" names (e.g. "en+f3", "en-us+m2"). `TRAIN_VOICES` and
 `EVAL_VOICES` use disjoint variants, so evaluation measures generalisation to unseen speakers.
 """
@@ -13,6 +22,7 @@ from __future__ import annotations
 import ctypes
 import os
 import threading
+import zlib
 
 import numpy as np
 
@@ -63,6 +73,11 @@ class _Engine:
             ctypes.c_uint, ctypes.POINTER(ctypes.c_uint), ctypes.c_void_p,
         ]
         lib.espeak_Synth.restype = ctypes.c_int
+        self._seed_espeak = getattr(lib, "espeak_ng_SetRandSeed", None)  # absent before eSpeak NG 1.51
+        if self._seed_espeak is not None:
+            self._seed_espeak.argtypes, self._seed_espeak.restype = [ctypes.c_long], None
+        self._libc_srand = ctypes.CDLL(None).srand  # the noise sources also call rand()
+        self._libc_srand.argtypes, self._libc_srand.restype = [ctypes.c_uint], None
         data_path = espeakng_loader.get_data_path().encode()
         rate = lib.espeak_Initialize(_AUDIO_OUTPUT_SYNCHRONOUS, 0, data_path, _INITIALIZE_DONT_EXIT)
         if rate <= 0:
@@ -87,6 +102,10 @@ class _Engine:
         self.lib.espeak_SetParameter(_PARAM_RATE, rate, 0)
         self.lib.espeak_SetParameter(_PARAM_PITCH, pitch, 0)
         data = text.encode("utf-8")
+        seed = zlib.crc32(f"{voice}|{rate}|{pitch}|".encode() + data)  # the same request, the same noise
+        if self._seed_espeak is not None:
+            self._seed_espeak(seed)
+        self._libc_srand(seed)
         self.chunks = []
         err = self.lib.espeak_Synth(data, len(data) + 1, 0, _POS_CHARACTER, 0, _CHARS_UTF8, None, None)
         if err != _EE_OK:

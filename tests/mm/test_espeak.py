@@ -68,3 +68,28 @@ def test_threads_get_the_same_audio_as_serial_up_to_espeak_jitter():
     for a, b in zip(serial, results):
         assert abs(len(a) - len(b)) < 0.02 * len(a)
         assert np.sqrt(np.mean(b**2)) == pytest.approx(np.sqrt(np.mean(a**2)), rel=0.1)
+
+
+def test_the_same_requests_give_the_same_audio_in_every_run():
+    # eSpeak seeds its noise from the clock; each utterance now seeds it from the request, so
+    # two processes speaking the same sequence get the same samples (the demo's data)
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+    # (each process first moves the C library's generator, as other code in a process may;
+    # and the runs start over a second apart, so the clock's seeds differ)
+    code = ("import ctypes, hashlib, os; from mm.sources.espeak import synthesize; h = hashlib.sha1()\n"
+            "ctypes.CDLL(None).srand(os.getpid())\n"
+            "for i, v in enumerate(['en+f3', 'en+f2', 'en-us+m7']):  # f2, f3: voices with breath noise\n"
+            "    h.update(synthesize(f'my friend lives in Ghana {i}', voice=v, rate=170 + i)[0].tobytes())\n"
+            "print(h.hexdigest())")
+    root = Path(__file__).resolve().parents[2]
+    runs = []
+    for k in range(2):
+        if k:
+            time.sleep(1.1)
+        runs.append(subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
+                                   timeout=120))
+    assert all(r.returncode == 0 for r in runs), runs[0].stderr[-500:]
+    assert runs[0].stdout.strip() == runs[1].stdout.strip() != ""
