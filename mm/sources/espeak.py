@@ -73,7 +73,7 @@ class _Engine:
             ctypes.c_uint, ctypes.POINTER(ctypes.c_uint), ctypes.c_void_p,
         ]
         lib.espeak_Synth.restype = ctypes.c_int
-        self._seed_espeak = getattr(lib, "espeak_ng_SetRandSeed", None)  # absent before eSpeak NG 1.51
+        self._seed_espeak = getattr(lib, "espeak_ng_SetRandSeed", None)  # older libraries lack it
         if self._seed_espeak is not None:
             self._seed_espeak.argtypes, self._seed_espeak.restype = [ctypes.c_long], None
         self._libc_srand = ctypes.CDLL(None).srand  # the noise sources also call rand()
