@@ -169,3 +169,58 @@ class FrameStacker(nn.Module):
         y = self.proj(stack_frames(x, lengths, self.stride))  # (b, m, d)
         valid = torch.arange(y.shape[1], device=y.device) < out_lengths.to(y.device)[:, None]
         return y * valid[..., None], out_lengths
+
+
+def spec_augment(
+    feats: torch.Tensor,
+    lengths: torch.Tensor,
+    generator: torch.Generator,
+    *,
+    freq_masks: int = 2,
+    freq_width: int = 15,
+    time_masks: int = 2,
+    time_width: float = 0.05,
+    warp: float = 0.0,
+) -> torch.Tensor:
+    """SpecAugment (Park et al., 2019) on normalised log-mel features, plus an optional
+    warp of the mel axis (a vocal-tract-length change, as in VTLP: a speaker's formants move
+    up or down together). Training-time only; a sample's result depends on its own row and
+    the generator, so it is a function of (seed, step) as the data order is.
+
+    Args:
+        feats: (b, n, f) normalised (zero-mean) features; masked values become 0, the mean.
+        lengths: (b,) valid frames.
+        freq_masks / freq_width: masks of 0..freq_width consecutive mel bins per row.
+        time_masks / time_width: masks of 0..time_width x the row's length frames per row.
+        warp: each row's mel axis is stretched by a factor drawn from [1 - warp, 1 + warp]
+            (linear interpolation between bins; 0: off).
+
+    Returns:
+        (b, n, f), a new tensor; frames beyond each row's length stay zero.
+    """
+    b, n, f = feats.shape
+    out = feats.clone()
+    if b == 0 or n == 0:
+        return out
+    if warp:
+        scale = 1.0 + (torch.rand(b, generator=generator) * 2 - 1) * warp  # (b,)
+        src = (torch.arange(f, dtype=torch.float32)[None, :] * scale[:, None]).clamp(0, f - 1)  # (b, f)
+        lo = src.floor().long()
+        hi = (lo + 1).clamp(max=f - 1)
+        w = (src - lo).to(out.dtype)  # (b, f)
+        idx = lambda i: i.to(out.device)[:, None, :].expand(b, n, f)  # noqa: E731
+        out = out.gather(2, idx(lo)) * (1 - w.to(out.device))[:, None] + out.gather(2, idx(hi)) * w.to(out.device)[:, None]
+    keep = torch.ones(b, n, f, dtype=torch.bool)
+    bins = torch.arange(f)
+    frames = torch.arange(n)
+    for _ in range(freq_masks):
+        width = torch.randint(freq_width + 1, (b,), generator=generator)
+        start = (torch.rand(b, generator=generator) * (f - width + 1)).long()
+        keep &= ~((bins[None] >= start[:, None]) & (bins[None] < (start + width)[:, None]))[:, None, :]
+    lens = lengths.cpu().long()
+    for _ in range(time_masks):
+        width = (torch.rand(b, generator=generator) * (time_width * lens.float() + 1)).long()
+        start = (torch.rand(b, generator=generator) * (lens - width + 1).clamp_min(1).float()).long()
+        keep &= ~((frames[None] >= start[:, None]) & (frames[None] < (start + width)[:, None]))[:, :, None]
+    valid = (frames[None] < lens[:, None])[:, :, None]
+    return out * (keep & valid).to(out.device, out.dtype)

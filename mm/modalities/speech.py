@@ -18,6 +18,7 @@ Notation: b=batch, n=fbank frames (10 ms), m=encoder frames (40 ms), m2=adapter 
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -302,6 +303,14 @@ class SpeechLMObjective:
     tokens of the LLM's vocabulary per step, so that frames move away from tokens no target
     uses: the vocabulary read-out of :func:`mm.modality.vocabulary_readout` picks the nearest
     of all of them),
+    ``ctc_bucket`` (default 1: off): a CTC-only step's batch comes from a group of this many
+    steps' draws sorted by length and cut into batches of similar length (in an order drawn
+    from the seed), so that little of a batch is padding; the group sees exactly the samples
+    its steps would draw unsorted, and a batch is still a function of (seed, step),
+    ``spec_augment`` (default off): a mapping of
+    :func:`encoders.speech_features.spec_augment`'s options (``freq_masks``, ``freq_width``,
+    ``time_masks``, ``time_width``, ``warp``), applied to every training batch's features,
+    CTC-only and LM steps alike, drawn from (seed, step),
     ``modality`` (default: the speech modality).
     """
 
@@ -319,6 +328,9 @@ class SpeechLMObjective:
         self.align_weight = float(ex.get("align_weight", 1.0))
         self.ctc_questions = bool(ex.get("ctc_questions", False))
         self.ctc_negatives = int(ex.get("ctc_negatives", 0))
+        self.spec_augment = dict(ex.get("spec_augment") or {})
+        self.ctc_bucket = max(1, int(ex.get("ctc_bucket", 1)))
+        self._group: tuple[int, list] | None = None  # (group, its batches of (sample, ctc) pairs)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         weight = model.llm.get_input_embeddings().weight
         # the alignment loss's scale: the typical squared embedding norm (the table is frozen)
@@ -356,13 +368,46 @@ class SpeechLMObjective:
             vocab_size = self.model.llm.get_input_embeddings().weight.shape[0]
             negatives = torch.randint(vocab_size, (self.ctc_negatives,), generator=gen).tolist()
         if step < self.ctc_only_steps:  # the samples with a CTC target of a draw of ctc_batch_size
-            pairs = [(s, c) for s, c in self.stream.batch(step, self.ctc_batch_size) if c]
+            pairs = self._ctc_pairs(step)
             if pairs:
                 items = [s.media[self.name][0][0] for s, _ in pairs]
-                return "ctc", self.types[self.name].collate(items), [c for _, c in pairs], ramp, negatives
+                return ("ctc", self._augment(self.types[self.name].collate(items), step), [c for _, c in pairs], ramp,
+                        negatives)
         pairs = self.stream.batch(step, self.cfg.optim.batch_size)
-        return ("lm", collate([s for s, _ in pairs], types=self.types, pad_id=self.pad_id), [c for _, c in pairs], ramp,
-                negatives)
+        b = collate([s for s, _ in pairs], types=self.types, pad_id=self.pad_id)
+        if self.name in b.media:
+            b.media[self.name].inputs = self._augment(b.media[self.name].inputs, step)
+        return "lm", b, [c for _, c in pairs], ramp, negatives
+
+    def _ctc_pairs(self, step: int) -> list:
+        """(sample, CTC target) pairs of a CTC-only step, bucketed by length (``ctc_bucket``)."""
+        if self.ctc_bucket == 1:
+            return [(s, c) for s, c in self.stream.batch(step, self.ctc_batch_size) if c]
+        g = step // self.ctc_bucket
+        if self._group is None or self._group[0] != g:
+            steps = range(g * self.ctc_bucket, min((g + 1) * self.ctc_bucket, self.ctc_only_steps))
+            draws = [[(s, c) for s, c in self.stream.batch(k, self.ctc_batch_size) if c] for k in steps]
+            sizes = [len(d) for d in draws]
+            pool = sorted((p for d in draws for p in d),
+                          key=lambda p: int(p[0].media[self.name][0][0]["lengths"]))  # stable: ties keep draw order
+            chunks, at = [], 0
+            for n in sizes:
+                chunks.append(pool[at:at + n])
+                at += n
+            order = list(range(len(chunks)))
+            random.Random(self.cfg.seed * 1_000_003 + g).shuffle(order)  # not short-to-long within a group
+            self._group = (g, [chunks[i] for i in order])
+        return self._group[1][step - g * self.ctc_bucket]
+
+    def _augment(self, inputs: dict, step: int) -> dict:
+        """``inputs`` with ``spec_augment`` applied to its features (new tensors; the cached
+        samples stay as they are)."""
+        if not self.spec_augment:
+            return inputs
+        from encoders.speech_features import spec_augment
+
+        gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step + 7)
+        return dict(inputs, features=spec_augment(inputs["features"], inputs["lengths"], gen, **self.spec_augment))
 
     def loss(self, batch) -> tuple[torch.Tensor, dict]:
         import torch.nn.functional as F

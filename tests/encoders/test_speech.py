@@ -10,7 +10,7 @@ import torch
 from adapters.speech import speech_adapter_tiny
 from encoders.conformer import RotarySelfAttention, conformer
 from encoders.speech import SpeechEncoder, speech_encoder, speech_encoder_llama3, speech_encoder_tiny
-from encoders.speech_features import FrameStacker, log_mel_fbank, num_fbank_frames, pad_waveforms
+from encoders.speech_features import FrameStacker, log_mel_fbank, num_fbank_frames, pad_waveforms, spec_augment
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -56,6 +56,32 @@ def test_frame_stacker_lengths_and_padding():
     torch.testing.assert_close(stacker(garbage, lengths)[0], y)
     alone, _ = stacker(x[1:, :5], lengths[1:])
     torch.testing.assert_close(alone[0], y[1, :2])
+
+
+def test_spec_augment_masks_warps_and_keeps_padding():
+    x = torch.randn(3, 200, 80)
+    lengths = torch.tensor([200, 120, 0])
+    x[1, 120:] = 0
+    x[2] = 0
+    gen = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    y = spec_augment(x, lengths, gen(), freq_masks=2, freq_width=15, time_masks=2, time_width=0.05)
+    assert torch.equal(y, spec_augment(x, lengths, gen(), freq_masks=2, freq_width=15, time_masks=2,
+                                       time_width=0.05))  # a function of the generator
+    assert not torch.equal(y, x) and not x[1, 120:].any() and x[0].all()  # input untouched
+    assert not y[1, 120:].any() and not y[2].any()  # padding stays zero
+    changed = y[:2] != x[:2]
+    assert bool((~changed | (y[:2] == 0)).all())  # masking only zeroes values
+    zero_bins = (y[0] == 0).all(0).sum()
+    zero_frames = (y[0] == 0).all(1).sum()
+    assert 0 < zero_bins <= 30 and zero_frames <= 2 * 10  # at most 2 x 15 bins, 2 x 5% of frames
+    off = spec_augment(x, lengths, gen(), freq_masks=0, time_masks=0)
+    assert torch.equal(off, x)
+    # the warp moves energy along the mel axis: a peak at bin 40 moves by up to +-10% of its index
+    peak = torch.zeros(1, 10, 80)
+    peak[..., 40] = 1.0
+    moved = [int(spec_augment(peak, torch.tensor([10]), torch.Generator().manual_seed(s), freq_masks=0,
+                              time_masks=0, warp=0.1)[0, 0].argmax()) for s in range(20)]
+    assert all(36 <= m <= 44 for m in moved) and len(set(moved)) > 1
 
 
 def test_encoder_forward_shapes_and_mask():

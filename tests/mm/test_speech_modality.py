@@ -332,6 +332,43 @@ def test_speech_lm_without_ctc_is_the_lm_objective(tmp_path, llm_dir):
     assert len(recs) == 4 and torch.allclose(a, b, atol=1e-5) and "ctc_loss" not in info
 
 
+def test_ctc_buckets_hold_the_same_samples_with_less_padding_and_augment_is_per_step(tmp_path, llm_dir):
+    from mm.objectives import get_objective
+    from mm.runs import build_model
+
+    recs = espeak_records(n=24, texts="sentences", voices="train", seed=6, dir=str(tmp_path / "asr"))
+    src = [{"type": "manifest", "path": str(tmp_path / "asr" / "records.jsonl")}]
+
+    def objective(**over):
+        cfg = stage_config("speech_adapter", llm_dir, tmp_path / "x", src,
+                           **{"extra.ctc_only_steps": 8, "extra.ctc_batch_size": 4, **over})
+        model, llm, types = build_model(cfg.model)
+        return get_objective("speech_lm")(cfg, model, types, llm.tokenizer)
+
+    def frames(batch):
+        return batch[1]["lengths"].tolist()
+
+    plain, bucketed = objective(), objective(**{"extra.ctc_bucket": 4})
+    a = [plain.batch(k) for k in range(8)]
+    b = [bucketed.batch(k) for k in range(8)]
+    for g in (0, 4):  # each group of 4 steps draws the same samples, sorted into batches by length
+        assert sorted(x for k in range(g, g + 4) for x in frames(a[k])) == \
+            sorted(x for k in range(g, g + 4) for x in frames(b[k]))
+    padded = lambda bs: sum(len(frames(x)) * max(frames(x)) - sum(frames(x)) for x in bs)  # noqa: E731
+    assert padded(b) < padded(a)
+    again = objective(**{"extra.ctc_bucket": 4})  # a function of (seed, step): resuming mid-group
+    assert frames(again.batch(6)) == frames(b[6]) and torch.equal(again.batch(5)[1]["features"], b[5][1]["features"])
+    loss, info = bucketed.loss(b[0])
+    assert torch.isfinite(loss) and info["ctc_loss"] > 0
+
+    aug = objective(**{"extra.spec_augment": {"freq_masks": 2, "freq_width": 10, "time_masks": 1, "warp": 0.1}})
+    x, y = aug.batch(3)[1], a[3][1]
+    assert torch.equal(x["lengths"], y["lengths"]) and not torch.equal(x["features"], y["features"])
+    assert torch.equal(aug.batch(3)[1]["features"], x["features"])  # the same step, the same masks
+    assert torch.equal(plain.batch(3)[1]["features"], y["features"])  # the cached samples are untouched
+    assert len(recs) == 24
+
+
 # -- configs -------------------------------------------------------------------------------
 @pytest.mark.parametrize("path", sorted((ROOT / "configs" / "speech").glob("*.yaml"))
                          + [ROOT / "configs" / "demo" / f"speech_{s}.yaml" for s in ("encoder_pretrain", "adapter")])
