@@ -366,6 +366,9 @@ def test_ctc_buckets_hold_the_same_samples_with_less_padding_and_augment_is_per_
     assert torch.equal(x["lengths"], y["lengths"]) and not torch.equal(x["features"], y["features"])
     assert torch.equal(aug.batch(3)[1]["features"], x["features"])  # the same step, the same masks
     assert torch.equal(plain.batch(3)[1]["features"], y["features"])  # the cached samples are untouched
+    lm_aug, lm_plain = aug.batch(9)[1].media["audio"].inputs, plain.batch(9)[1].media["audio"].inputs  # LM steps
+    assert torch.equal(lm_aug["lengths"], lm_plain["lengths"]) and not torch.equal(lm_aug["features"], lm_plain["features"])
+    assert torch.isfinite(aug.loss(aug.batch(9))[0])
     assert len(recs) == 24
 
 
