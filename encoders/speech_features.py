@@ -206,10 +206,10 @@ def spec_augment(
         scale = 1.0 + (torch.rand(b, generator=generator) * 2 - 1) * warp  # (b,)
         src = (torch.arange(f, dtype=torch.float32)[None, :] * scale[:, None]).clamp(0, f - 1)  # (b, f)
         lo = src.floor().long()
+        w = (src - lo).to(out)[:, None]  # (b, 1, f): weight of the bin above
+        lo = lo.to(out.device)[:, None].expand(b, n, f)
         hi = (lo + 1).clamp(max=f - 1)
-        w = (src - lo).to(out.dtype)  # (b, f)
-        idx = lambda i: i.to(out.device)[:, None, :].expand(b, n, f)  # noqa: E731
-        out = out.gather(2, idx(lo)) * (1 - w.to(out.device))[:, None] + out.gather(2, idx(hi)) * w.to(out.device)[:, None]
+        out = out.gather(2, lo) * (1 - w) + out.gather(2, hi) * w
     keep = torch.ones(b, n, f, dtype=torch.bool)
     bins = torch.arange(f)
     frames = torch.arange(n)
