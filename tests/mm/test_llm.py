@@ -32,3 +32,31 @@ def test_smollm2_frozen_and_adapters_change_nothing(smollm2_dir):
     hf = llm.model.generate(**enc, max_new_tokens=64, do_sample=False)
     assert answer_text(model, llm.tokenizer, "What is the capital of France?") == \
         llm.tokenizer.decode(hf[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+def test_smollm2_repeats_a_quoted_speech_slot_word_for_word(smollm2_dir):
+    """The premise of the speech demo's boundary_init: with the vocabulary read-out the frozen
+    LLM sees, between the two boundary embeddings, the transcript's own tokens and then blank
+    (" ") frames. Between the demo's boundaries (copies of an opening and a closing quote) it
+    repeats them as they are; between newlines it translated such sentences, reordered them or
+    stopped after the name (scripts/boundary_check.py measures this over many utterances)."""
+    from pathlib import Path
+
+    import yaml
+
+    from mm.modalities.speech import ASR_PROMPT
+    from mm.prompts import mark, render
+    from mm.speech import first_line, normalize_transcript
+
+    cfg = yaml.safe_load((Path(__file__).parents[2] / "configs/demo/speech_encoder_pretrain.yaml").read_text())
+    b0, b1 = cfg["model"]["modalities"]["audio"]["boundary_init"]
+    llm = load_frozen_llm("smollm2")
+    tok = llm.tokenizer
+    one = lambda t: tok(t, add_special_tokens=False)["input_ids"]  # noqa: E731
+    before, after = render(tok, ASR_PROMPT.format(language="English") + mark("audio")).split(mark("audio"))
+    for said in ("the capital of Spain is old", "red is the opposite of quiet", "Maria went to the park"):
+        slot = one(b0) + one(" " + said) + one(" ") * 12 + one(b1)
+        ids = torch.tensor([one(before) + slot + one(after)])
+        out = llm.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False)
+        reply = first_line(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+        assert normalize_transcript(reply) == normalize_transcript(said), (said, reply)

@@ -32,7 +32,7 @@ def char_tokenizer():
     from transformers import PreTrainedTokenizerFast
 
     vocab = {t: i for i, t in enumerate(["<pad>", "<|im_end|>", "<|im_start|>", "<unk>"])}
-    for c in [chr(i) for i in range(32, 127)] + ["\n"]:
+    for c in [chr(i) for i in range(32, 127)] + ["\n", "“"]:  # "“": the demo's opening boundary
         vocab[c] = len(vocab)
     tk = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     tk.decoder = decoders.Fuse()
@@ -311,10 +311,10 @@ def test_speech_stages_end_to_end_with_bad_samples(tmp_path, llm_dir, capsys):
     # an option that only sets starting values differs from the init_from run's: reported
     from mm.runs import init_option_mismatches
     other, speech = stage_config("speech_adapter", llm_dir, tmp_path / "x", sources), {"audio": get_type("speech")}
-    assert init_option_mismatches(other, speech, pre) == []  # both demo stages set boundary_init "\n"
+    assert init_option_mismatches(other, speech, pre) == []  # both demo stages set the same boundary_init
     other.model.modalities["audio"]["boundary_init"] = None
     [line] = init_option_mismatches(other, speech, pre)
-    assert "audio.boundary_init is None here but '\\n'" in line and str(pre) in line and "\n" not in line
+    assert "audio.boundary_init is None here but ['“', '\"']" in line and str(pre) in line and "\n" not in line
 
 
 def test_speech_lm_without_ctc_is_the_lm_objective(tmp_path, llm_dir):
