@@ -358,7 +358,8 @@ def transcribe_waves(model, types: dict, tokenizer, waves: list[torch.Tensor], *
     """Generate for each 16 kHz waveform (each within the window) with the ASR prompt (or
     ``prompt``; ``""`` for spoken dialogue). Each row decodes at most its own budget of
     ``ceil(seconds * tokens_per_second) + extra_tokens`` tokens, so the text does not depend on
-    the batch, and keeps the reply's first line (:func:`first_line`). Silent or sub-25 ms
+    the batch, and keeps the reply's first line (:func:`first_line`) without the quotes the
+    boundaries may add (:func:`unquote`). Silent or sub-25 ms
     waveforms give ``""``."""
     from mm.data import Sample, collate
     from mm.prompts import encode, end_of_turn_id, mark
@@ -383,7 +384,7 @@ def transcribe_waves(model, types: dict, tokenizer, waves: list[torch.Tensor], *
         ids = model.generate(batch.input_ids, batch.attention_mask, media=batch.media,
                              max_new_tokens=max(b for _, _, b in part), eos_token_id=eos)
         for row, (i, _, budget) in zip(ids, part):
-            out[i] = first_line(tokenizer.decode(row[:budget], skip_special_tokens=True))
+            out[i] = unquote(first_line(tokenizer.decode(row[:budget], skip_special_tokens=True)))
     return out
 
 
@@ -393,6 +394,28 @@ def first_line(reply: str) -> str:
     adapter with CTC only) may write on after a line break ("My woman lives in China.\n\nIn this
     context, ..."). A chunk of long audio is one line as well; the chunks are joined with spaces."""
     return reply.strip().split("\n", 1)[0].strip()
+
+
+_QUOTES = '“”"'
+
+
+def unquote(line: str) -> str:
+    """A transcript line without the quotation marks that the frozen LLM may copy from the
+    speech's boundary embeddings (the demo's start as an opening and a closing quote, so the
+    LLM sometimes writes '“We have ten hats  "'): spaces collapse, a pair of quotes enclosing
+    the whole line goes, and so does a lone quote at either end. Quotes that pair up inside the
+    text stay ('He said "yes"'). WER is the same either way (its normalisation drops
+    punctuation)."""
+    s = " ".join(line.split())
+    n = sum(c in _QUOTES for c in s)
+    if n == 2 and s[0] in _QUOTES and s[-1] in _QUOTES:
+        return s[1:-1].strip()
+    if n % 2 == 1:
+        if s[0] in _QUOTES:
+            return s[1:].strip()
+        if s[-1] in _QUOTES:
+            return s[:-1].strip()
+    return s
 
 
 def transcribe_files(model, types: dict, tokenizer, paths, *, batch_size: int = 8,
