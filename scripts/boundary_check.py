@@ -28,9 +28,10 @@ import random
 import torch
 
 
-def _readouts(run: str, source: int) -> tuple[list[dict], object, object]:
+def _readouts(run: str, source: int) -> tuple[list[dict], object, object, str]:
     """Each utterance of the run's eval source ``source``: reference text, read-out ids and
-    the number of blank frames (as `mm.modality.vocabulary_readout` lays them out)."""
+    the number of blank frames (as `mm.modality.vocabulary_readout` lays them out); also the
+    frozen LLM, the read-out's blank id and the run's LLM spec."""
     from mm.data import _paths, load_source
     from mm.modalities.speech import collate, preprocess, read
     from mm.modality import nearest_tokens
@@ -58,14 +59,14 @@ def _readouts(run: str, source: int) -> tuple[list[dict], object, object]:
                     ids.append(t)
                 prev = t
             out.append({"ref": rec.get("spoken") or rec["text"], "ids": ids, "blanks": len(idx) - len(ids)})
-    return out, frozen, mod.readout_blank
+    return out, frozen, mod.readout_blank, cfg.model.llm
 
 
 def main() -> None:
     from mm.infer import normalize
     from mm.modalities.speech import ASR_PROMPT
     from mm.prompts import mark, render
-    from mm.speech import _split_of, answer_questions, first_line, questions, word_error_rate
+    from mm.speech import _texts, first_line, word_error_rate
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", required=True, help="a speech_adapter run directory (its eval sources, its read-out)")
@@ -75,12 +76,12 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(2)
 
-    utts, frozen, blank = _readouts(args.run, args.source)
+    utts, frozen, blank, llm_spec = _readouts(args.run, args.source)
     tok, lm = frozen.tokenizer, frozen.model
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     r = random.Random(0)
-    qa = [{"ref": k["question"], "target": k["answer"], "blanks": r.choice([u["blanks"] for u in utts])}
-          for k in answer_questions([q for q in questions() if _split_of(q, 0.2) == "train"])]
+    trained = _texts("qa", n=0, seed=0, split="train", eval_fraction=0.2, llm=llm_spec, max_answer_tokens=20)
+    qa = [{"ref": q, "target": a, "blanks": r.choice([u["blanks"] for u in utts])} for q, a in trained]
 
     def one(text: str) -> int:
         ids = tok(text.replace("\\n", "\n"), add_special_tokens=False)["input_ids"]
