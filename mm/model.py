@@ -285,9 +285,7 @@ class MultimodalLM(nn.Module):
         """Run the encoders once. Returns (cross-attention states, token embeddings)."""
         cross, tokens = {}, {}
         for name, mi in (media or {}).items():
-            if name not in self.modalities:
-                raise KeyError(f"no modality {name!r} in this model (have: {sorted(self.modalities)})")
-            mod = self.modalities[name]
+            mod = self._modality(name)
             n = mi.valid.shape[1]
             if n == 0 or not bool(mi.valid.any()):
                 continue
@@ -365,8 +363,27 @@ class MultimodalLM(nn.Module):
             first = min(first, int(col[mi.valid].min()))
         return first
 
+    def _modality(self, name: str):
+        if name not in self.modalities:
+            raise KeyError(f"no modality {name!r} in this model (have: {sorted(self.modalities)})")
+        return self.modalities[name]
+
+    def start_column(self, attention_mask: torch.Tensor, media: dict[str, MediaInput] | None,
+                     share_prefix: bool | None = None) -> int:
+        """The column from which :meth:`run` computes with media and gradients (0 without
+        prefix sharing or media). Reads the masks on the host: on an accelerator a sync, so
+        it is taken before any of a step's work is queued."""
+        if share_prefix is None:
+            share_prefix = self.share_prefix
+        for name in media or {}:
+            self._modality(name)
+        has_media = any(bool(mi.valid.any()) for mi in (media or {}).values())
+        t = attention_mask.shape[1]
+        return min(self.first_media_column(attention_mask, media), t - 1) if share_prefix and has_media else 0
+
     def run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
-            media: dict[str, MediaInput] | None = None, use_cache: bool = False, share_prefix: bool | None = None):
+            media: dict[str, MediaInput] | None = None, use_cache: bool = False, share_prefix: bool | None = None,
+            start: int | None = None):
         """Hidden states for a padded batch, computing the text-only prefix cheaply.
 
         Text left of the first media depends on the text alone (the LLM is frozen and no
@@ -378,14 +395,12 @@ class MultimodalLM(nn.Module):
         :attr:`prefix_cache` set, prefixes seen in earlier batches are not run again.
 
         Returns (hidden states of columns ``start..t``, cache, start, encoded media).
+        ``start``: :meth:`start_column`'s answer when the caller has it already.
         """
         b, t = input_ids.shape
-        if share_prefix is None:
-            share_prefix = self.share_prefix
-        encoded = self.encode_media(media, b)
         # with no media at all, one plain prefill: exactly what the base model computes
-        has_media = any(bool(mi.valid.any()) for mi in (media or {}).values())
-        p = min(self.first_media_column(attention_mask, media), t - 1) if share_prefix and has_media else 0
+        p = self.start_column(attention_mask, media, share_prefix) if start is None else start
+        encoded = self.encode_media(media, b)
         positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (b, t)
         cache = self.new_cache() if (use_cache or p > 0) else None
         if p > 0:
@@ -571,11 +586,13 @@ class MultimodalLM(nn.Module):
             attention_mask = torch.ones_like(input_ids)
         if input_ids.shape[1] > 1 and all(self.modalities[n].kind == "xattn" for n in (media or {})):
             input_ids, attention_mask = input_ids[:, :-1], attention_mask[:, :-1]
-        h, _, p, _ = self.run(input_ids, attention_mask, media=media)
+        # where the labelled positions are, before the forward pass is queued: found after
+        # it (``h[mask]``), an accelerator would sit idle while the host catches up
+        p = self.start_column(attention_mask, media)
         target = labels[:, p + 1:]
-        h = h[:, :target.shape[1]]
-        sel = target != -100
-        hs, ts = h[sel], target[sel]  # (s, d), (s,)
+        rows, cols = (target != -100).nonzero(as_tuple=True)  # row-major, as h[mask] takes them
+        h, _, p, _ = self.run(input_ids, attention_mask, media=media, start=p)
+        hs, ts = h[rows, cols], target[rows, cols]  # (s, d), (s,)
         n = ts.numel()
         head = self.llm.get_output_embeddings()
         if n == 0:

@@ -18,4 +18,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
 fi
 export PYTHONUNBUFFERED=1
+mkdir -p "${OUT:=$PWD/bench_out}"
+# the fused cross-entropy's kernel against its torch-ops form (scripts/ce_bench.py, ~20 s)
+[ "${MM_CE_BENCH:-1}" = 0 ] || timeout -k 5 90 python3 scripts/ce_bench.py 2>&1 | tee "$OUT/ce.txt"
 exec bash scripts/bench_gpu.sh

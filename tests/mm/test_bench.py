@@ -98,6 +98,78 @@ def test_fused_cross_entropy_keeps_no_subnormal_probabilities():
     torch.testing.assert_close(g, gref, rtol=0, atol=1e-6)
 
 
+_TRITON_CE_CHECK = r"""
+import torch, torch.nn.functional as F
+import mm.fused_ce as fc
+g = torch.Generator().manual_seed(0)
+for dtype, v in ((torch.float32, 203), (torch.bfloat16, 130)):
+    x = (torch.randn(6, v, generator=g) * 4).to(dtype)
+    x[0, 5] = 90.0  # a confident row: the other targets' probabilities underflow, the loss stays exact
+    t = torch.randint(0, v, (6,), generator=g)
+    t[1] = v - 1  # the last column, in the last, partial block
+    ref = F.cross_entropy(x.double(), t, reduction="none")
+    refg = torch.softmax(x.double(), -1)
+    refg[torch.arange(6), t] -= 1
+    y = x.clone()
+    nll = fc.softmax_grad_(y, t, write=False, block=64, num_warps=1)
+    assert torch.equal(y, x), "write=False changed the logits"
+    torch.testing.assert_close(nll.double(), ref, rtol=1e-5, atol=1e-5)
+    nll = fc.softmax_grad_(y, t, block=64, num_warps=1)
+    torch.testing.assert_close(nll.double(), ref, rtol=1e-5, atol=1e-5)
+    tol = 1e-6 if dtype == torch.float32 else 4e-3
+    torch.testing.assert_close(y.double(), refg.to(dtype).double(), rtol=0, atol=tol)
+# the whole loss through the kernel (as on a GPU) against the plain loss
+fc.use_triton = lambda x: True
+h = torch.randn(37, 16, generator=g, requires_grad=True)
+w = torch.randn(50, 16, generator=g) * 3
+t = torch.randint(0, 50, (37,), generator=g)
+ref = F.cross_entropy(h @ w.t(), t, reduction="sum")
+(gref,) = torch.autograd.grad(ref, h)
+out = fc.linear_cross_entropy(h, w, t, chunk=8)
+(gout,) = torch.autograd.grad(out, h)
+torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-4)
+torch.testing.assert_close(gout, gref, rtol=1e-5, atol=1e-5)
+print("ok")
+"""
+
+
+def test_triton_cross_entropy_kernel_matches_plain_under_the_interpreter():
+    """The GPU path's Triton kernel (softmax, loss and one-hot in one pass, in place), run by
+    Triton's CPU interpreter: the per-row loss and the logits' gradient equal float64's."""
+    pytest.importorskip("triton")
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    r = subprocess.run([sys.executable, "-c", _TRITON_CE_CHECK], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_triton_cross_entropy_equals_the_torch_path_on_cuda(monkeypatch):
+    from mm.fused_ce import linear_cross_entropy, use_triton
+
+    g = torch.Generator().manual_seed(0)
+    h = (torch.randn(300, 64, generator=g) * 2).cuda().requires_grad_(True)
+    w = torch.randn(5000, 64, generator=g).cuda()
+    t = torch.randint(0, 5000, (300,), generator=g).cuda()
+    for dtype in (torch.float32, torch.bfloat16):
+        hd, wd = h.to(dtype), w.to(dtype)
+        assert use_triton(hd)
+        out = linear_cross_entropy(hd, wd, t, chunk=128)
+        (gout,) = torch.autograd.grad(out, h)
+        monkeypatch.setenv("MM_FUSED_CE_TRITON", "0")
+        ref = linear_cross_entropy(h.to(dtype), wd, t, chunk=128)
+        (gref,) = torch.autograd.grad(ref, h)
+        monkeypatch.delenv("MM_FUSED_CE_TRITON")
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-2)
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(gout, gref, rtol=tol, atol=tol)
+
+
 def test_model_loss_uses_fused_path_and_matches_plain(monkeypatch):
     import mm.fused_ce
 
