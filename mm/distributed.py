@@ -53,6 +53,8 @@ def setup(device: str | None = None) -> Dist:
     else:
         dev = torch.device("cpu")
     if dev.type == "cuda":
+        if dev.index is None:  # "cuda": this process's GPU (set_device needs an index)
+            dev = torch.device("cuda", local)
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")

@@ -164,9 +164,12 @@ def shared_text_cache(llm: nn.Module, kind: type[_RowCache], max_rows: int) -> _
     built on the same (cached) LLM shares it: a later stage and the evaluation after it
     start warm. It lives as long as the LLM object."""
     caches = _SHARED_CACHES.setdefault(llm, {})
+    w = next(llm.parameters())
     cache = caches.get(kind)
-    if cache is None:
+    if cache is None or getattr(cache, "where", None) != (w.device, w.dtype):
+        # new, or filled while the LLM was on another device or in another dtype
         cache = caches[kind] = kind(max_rows)
+        cache.where = (w.device, w.dtype)
     cache.max_rows = max(cache.max_rows, int(max_rows))
     return cache
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check of issue 6 in one script, about 4 minutes on one H100/H200 (hard limit 270 s):
-#   1. the GPU-marked tests: fast decoding with CUDA graphs gives the reference tokens (~20 s);
+#   1. the GPU-marked tests: fast decoding with CUDA graphs gives the reference tokens, the fused
+#      loss's Triton kernel the torch-ops result, a training stage the CPU's losses (~30 s);
 #   2. `mm bench --shapes 1b-xattn`: ours against HF Mllama at Llama-3.2-1B text shapes with
 #      a ViT-H/14 at one 560 px tile, bf16 (with MM_GPU_PROFILE=1 also profiler tables: one
 #      training step per side and encoder mode, one generation call per side and batch); then, while the run is
@@ -24,7 +25,7 @@ PY=${PYTHON:-$(command -v python || command -v python3)}
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader || true
   timeout -k 5 60 "$PY" -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'transformers', transformers.__version__)"
   echo "--- GPU tests"
-  timeout -k 5 90 "$PY" -m pytest -q -m gpu tests/mm/test_bench.py -p no:cacheprovider 2>&1 | tail -15
+  timeout -k 5 90 "$PY" -m pytest -q -m gpu tests/mm/test_bench.py tests/mm/test_train.py -p no:cacheprovider 2>&1 | tail -15
   echo "--- $(( $(date +%s) - start )) s"
 } 2>&1 | tee "$OUT/env.txt"
 

