@@ -169,6 +169,29 @@ def answer_is_correct(question: str, answer: str) -> bool | None:
     return bool(found) and found[-1] == expected
 
 
+QUESTION_FRAMES = ("What is the capital of {}?", "What is the opposite of {}?", "How many legs does a {} have?",
+                   "What is the plural of {}?")
+
+
+def question_forms(n: int, *, seed: int = 0, exclude: set[str] = frozenset()) -> list[str]:
+    """``n`` questions in the built-in questions' frames, each frame with any word of the
+    sentences' vocabulary (and sums of any two numbers), none of them in ``exclude``: spoken
+    for transcription, they make the last word of a question something to listen to. With
+    only the built-in questions to hear, a question's frame predicts its ending, and the
+    encoder learns the training questions' endings instead (a held-out "What is the capital
+    of Germany?" was read as "... of Iran?"). Drawn without repeats while the ~620 forms last."""
+    words = [w.title() if w in COUNTRIES or w in NAMES else w
+             for w in dict.fromkeys(ADJECTIVES + NOUNS + NAMES + COUNTRIES + PLACES)]
+    forms = [f.format(w) for f in QUESTION_FRAMES for w in words]
+    forms += [f"What is {a} plus {b}?" for a in NUMBERS[:9] for b in NUMBERS[:9]]
+    forms = [q for q in forms if q not in exclude]
+    r = random.Random(seed)
+    out: list[str] = []
+    while len(out) < n and forms:
+        out += r.sample(forms, min(n - len(out), len(forms)))
+    return out
+
+
 def _split_of(text: str, eval_fraction: float) -> str:
     h = int(hashlib.sha1(text.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
     return "eval" if h < eval_fraction else "train"
@@ -225,6 +248,9 @@ def _texts(texts: str, *, n: int, seed: int, split: str | None, eval_fraction: f
     """(spoken text, target text) pairs."""
     if texts == "sentences":
         return [(s, s) for s in sentences(n, seed=seed)]
+    if texts == "question_forms":  # never a held-out (eval split) question
+        held_out = {q for q in questions() if _split_of(q, eval_fraction) == "eval"}
+        return [(q, q) for q in question_forms(n, seed=seed, exclude=held_out)]
     if texts == "qa":
         qs = questions()
         if split:
@@ -253,8 +279,9 @@ def espeak_records(*, n: int = 1000, task: str = "asr", texts: str = "sentences"
         n: number of utterances. For ``texts`` other than ``sentences`` the texts are cycled.
         task: ``asr`` (target = the spoken text) or ``qa`` (target = the text's answer).
         texts: ``sentences`` (built-in, ``seed``-dependent), ``qa`` (built-in questions and the
-            frozen LLM ``llm``'s own answers, ``split`` train/eval by question), or a JSONL
-            file of ``{"say": ..., "text": ...}`` lines.
+            frozen LLM ``llm``'s own answers, ``split`` train/eval by question),
+            ``question_forms`` (:func:`question_forms`, for ``asr``; never an eval-split
+            question), or a JSONL file of ``{"say": ..., "text": ...}`` lines.
         voices: ``train``, ``eval`` (disjoint speakers) or a list of voice names.
         rate, pitch: ranges (inclusive) drawn uniformly per utterance.
         key: the record key holding the path (the model's speech modality name).

@@ -259,6 +259,24 @@ def test_spoken_questions_keep_only_right_answers():
     assert answer_is_correct("What did the speaker ask for?", "tea") is None  # not a built-in question
 
 
+def test_question_forms_never_give_a_held_out_question():
+    from mm.speech import _split_of, _texts, question_forms
+
+    held_out = {q for q in questions() if _split_of(q, 0.2) == "eval"}
+    pairs = _texts("question_forms", n=2000, seed=3, split=None, eval_fraction=0.2, llm="unused",
+                   max_answer_tokens=20)
+    forms = [say for say, _ in pairs]
+    assert all(say == text for say, text in pairs) and len(forms) == 2000
+    assert held_out and not held_out & set(forms)
+    # every form at least once before any repeats; the held-out questions' words still heard
+    assert len(set(forms[:len(set(forms))])) == len(set(forms))
+    for q in held_out:
+        last = q.rstrip("?").split()[-1] if "plus" in q else q.split()[-2 if q.endswith("have?") else -1].rstrip("?")
+        assert any(last in f.split() or last + "?" in f.split() for f in forms), q
+    assert question_forms(50, seed=3) == question_forms(50, seed=3) != question_forms(50, seed=4)
+    assert "What is the capital of Germany?" not in question_forms(1000, exclude={"What is the capital of Germany?"})
+
+
 # -- stages end to end ---------------------------------------------------------------------
 def stage_config(name: str, llm_dir: Path, out: Path, sources: list[dict], **over):
     cfg = load_config(ROOT / "configs" / "demo" / f"{name}.yaml", [
