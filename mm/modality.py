@@ -173,6 +173,14 @@ def nearest_tokens(frames: torch.Tensor, vocab: torch.Tensor, *, chunk: int = 10
     return (torch.cat(out) if out else flat.new_zeros(0, dtype=torch.long)).reshape(frames.shape[:-1])
 
 
+def ctc_repeats_blank(idx: torch.Tensor, blank: int) -> torch.Tensor:
+    """``idx`` (b, m) with every frame that repeats the frame before it set to ``blank``: CTC's
+    collapse, after which the non-blank entries are the tokens read, in order."""
+    repeat = torch.zeros_like(idx, dtype=torch.bool)
+    repeat[:, 1:] = idx[:, 1:] == idx[:, :-1]
+    return idx.masked_fill(repeat, blank)
+
+
 def vocabulary_readout(emb: torch.Tensor, mask: torch.Tensor, vocab: torch.Tensor, blank: int) -> torch.Tensor:
     """Read adapter frames ``emb`` (b, m, d) as the LLM's own tokens (CTC-style read-out).
 
@@ -187,10 +195,7 @@ def vocabulary_readout(emb: torch.Tensor, mask: torch.Tensor, vocab: torch.Tenso
     the frames stay too far from the embeddings for the frozen LLM to read them as they are.
     Padded frames (``mask`` False) stay zero and last.
     """
-    idx = nearest_tokens(emb, vocab)  # (b, m)
-    repeat = torch.zeros_like(mask)
-    repeat[:, 1:] = idx[:, 1:] == idx[:, :-1]
-    idx = idx.masked_fill(repeat, blank)
+    idx = ctc_repeats_blank(nearest_tokens(emb, vocab), blank)  # (b, m)
     snapped = vocab[idx].to(emb.dtype)
     out = snapped + (emb - emb.detach()) if emb.requires_grad else snapped  # forward: exactly the rows
     rank = (idx == blank).long() + 2 * (~mask).long()  # tokens, then blanks, then padding

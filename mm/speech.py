@@ -117,24 +117,30 @@ _NUMBER_WORDS = {w: i for i, w in enumerate(("zero",) + NUMBERS[:12] + (
     "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen", "twenty"))}  # word -> value
 
 
+CAPITAL_Q, OPPOSITE_Q, LEGS_Q, PLURAL_Q = QUESTION_FRAMES = (
+    "What is the capital of {}?", "What is the opposite of {}?", "How many legs does a {} have?",
+    "What is the plural of {}?")
+SUM_Q = "What is {} plus {}?"
+
+
 @functools.lru_cache(maxsize=1)
 def _question_keys() -> dict[str, tuple[str, object]]:
     """Each built-in spoken question -> (kind, what a correct answer says); not to be changed."""
     keys: dict[str, tuple[str, object]] = {}
     for c, capital in CAPITALS.items():
-        keys[f"What is the capital of {c.title()}?"] = ("words", capital.split("|"))
+        keys[CAPITAL_Q.format(c.title())] = ("words", capital.split("|"))
     for a, opposite in OPPOSITES.items():
-        keys[f"What is the opposite of {a}?"] = ("words", opposite.split("|"))
+        keys[OPPOSITE_Q.format(a)] = ("words", opposite.split("|"))
     for a, n in LEGS.items():
-        keys[f"How many legs does a {a} have?"] = ("numbers", n)
+        keys[LEGS_Q.format(a)] = ("numbers", n)
     for noun in NOUNS:  # fish and sheep left out: a plural equal to the noun cannot be told from an echo
         if (plural := _plural(noun)) != noun:
-            keys[f"What is the plural of {noun}?"] = ("words", [plural])
+            keys[PLURAL_Q.format(noun)] = ("words", [plural])
     # numbers as words: spoken digits would need a space token before each, and " " is the
     # CTC blank of the demo's read-out (a digit's space could never be written)
     for i, a in enumerate(NUMBERS[:9]):
         for j, b in enumerate(NUMBERS[:9]):
-            keys[f"What is {a} plus {b}?"] = ("sum", i + j + 2)
+            keys[SUM_Q.format(a, b)] = ("sum", i + j + 2)
     return keys
 
 
@@ -169,10 +175,6 @@ def answer_is_correct(question: str, answer: str) -> bool | None:
     return bool(found) and found[-1] == expected
 
 
-QUESTION_FRAMES = ("What is the capital of {}?", "What is the opposite of {}?", "How many legs does a {} have?",
-                   "What is the plural of {}?")
-
-
 def question_forms(n: int, *, seed: int = 0, exclude: set[str] = frozenset()) -> list[str]:
     """``n`` questions in the built-in questions' frames, each frame with any word of the
     sentences' vocabulary (and sums of any two numbers), none of them in ``exclude``: spoken
@@ -183,7 +185,7 @@ def question_forms(n: int, *, seed: int = 0, exclude: set[str] = frozenset()) ->
     words = [w.title() if w in COUNTRIES or w in NAMES else w
              for w in dict.fromkeys(ADJECTIVES + NOUNS + NAMES + COUNTRIES + PLACES)]
     forms = [f.format(w) for f in QUESTION_FRAMES for w in words]
-    forms += [f"What is {a} plus {b}?" for a in NUMBERS[:9] for b in NUMBERS[:9]]
+    forms += [SUM_Q.format(a, b) for a in NUMBERS[:9] for b in NUMBERS[:9]]
     forms = [q for q in forms if q not in exclude]
     r = random.Random(seed)
     out: list[str] = []

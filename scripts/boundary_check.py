@@ -34,7 +34,7 @@ def _readouts(run: str, source: int) -> tuple[list[dict], object, object, str]:
     frozen LLM, the read-out's blank id and the run's LLM spec."""
     from mm.data import _paths, load_source
     from mm.modalities.speech import collate, preprocess, read
-    from mm.modality import nearest_tokens
+    from mm.modality import ctc_repeats_blank, nearest_tokens
     from mm.runs import load_run
     from mm.speech import speech_modality_name
 
@@ -52,12 +52,8 @@ def _readouts(run: str, source: int) -> tuple[list[dict], object, object, str]:
             item = preprocess(read(_paths(rec, name)[0]), mod)
             feats, mask = mod.encode(collate([item]))
             emb, emask = mod.adapter(feats, mask)
-            idx = nearest_tokens(emb, vocab)[0][emask[0]].tolist()
-            ids, prev = [], None
-            for t in idx:  # CTC: repeats merge, blanks drop
-                if t != prev and t != mod.readout_blank:
-                    ids.append(t)
-                prev = t
+            idx = ctc_repeats_blank(nearest_tokens(emb, vocab)[:, emask[0]], mod.readout_blank)[0].tolist()
+            ids = [t for t in idx if t != mod.readout_blank]
             out.append({"ref": rec.get("spoken") or rec["text"], "ids": ids, "blanks": len(idx) - len(ids)})
     return out, frozen, mod.readout_blank, cfg.model.llm
 
