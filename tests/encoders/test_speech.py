@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from adapters.speech import speech_adapter_tiny
-from encoders.conformer import RotarySelfAttention, conformer
+from encoders.conformer import RotarySelfAttention, conformer, depthwise_conv
 from encoders.speech import SpeechEncoder, speech_encoder, speech_encoder_llama3, speech_encoder_tiny
 from encoders.speech_features import FrameStacker, log_mel_fbank, num_fbank_frames, pad_waveforms, spec_augment
 
@@ -101,6 +101,20 @@ def test_padding_does_not_leak_into_valid_frames():
     garbage[0, lengths[0] :] = torch.randn_like(garbage[0, lengths[0] :]) * 100
     out2, _ = enc(garbage, lengths)
     torch.testing.assert_close(out2[mask], out[mask])
+
+
+def test_depthwise_conv_is_the_conv1d_it_replaces():
+    torch.manual_seed(0)
+    conv = torch.nn.Conv1d(24, 24, 7, padding=3, groups=24)
+    x = torch.randn(3, 19, 24, requires_grad=True)  # (b, m, d)
+    y = depthwise_conv(x, conv)
+    ref = conv(x.transpose(1, 2)).transpose(1, 2)
+    torch.testing.assert_close(y, ref)
+    g = torch.randn_like(y)
+    got = torch.autograd.grad(y, (x, conv.weight, conv.bias), g)
+    want = torch.autograd.grad(ref, (x, conv.weight, conv.bias), g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
 
 
 def test_rotary_position_matters():

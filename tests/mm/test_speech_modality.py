@@ -404,6 +404,51 @@ def test_ctc_buckets_hold_the_same_samples_with_less_padding_and_augment_is_per_
     assert len(recs) == 24
 
 
+def test_ctc_on_the_targets_columns_is_the_full_vocabulary_ctc(tmp_path, llm_dir):
+    """_ctc runs CTC on blank + the targets' columns + one for the rest of each frame's
+    probability; loss, alignment loss and gradients equal a plain CTC over every class."""
+    import torch.nn.functional as F
+    from torchaudio.functional import forced_align
+
+    from mm.objectives import get_objective
+    from mm.runs import build_model
+
+    espeak_records(n=2, texts="sentences", voices="train", seed=5, dir=str(tmp_path / "asr"))
+    src = [{"type": "manifest", "path": str(tmp_path / "asr" / "records.jsonl")}]
+    cfg = stage_config("speech_adapter", llm_dir, tmp_path / "x", src, **{"extra.ctc_negatives": 40})
+    model, llm, types = build_model(cfg.model)
+    obj = get_objective("speech_lm")(cfg, model, types, llm.tokenizer)
+    weight = model.llm.get_input_embeddings().weight.detach()
+    torch.manual_seed(0)
+    targets = [[40, 41, 41, 57], [60, 44], [45, 46, 47, 48, 49]]
+    negatives = torch.randint(weight.shape[0], (40,)).tolist()
+    lengths = torch.tensor([11, 6, 12])
+    frames = (weight[torch.randint(weight.shape[0], (3, 12))] + 0.3 * torch.randn(3, 12, weight.shape[1])).requires_grad_()
+    ctc, align = obj._ctc(frames, lengths, targets, negatives)
+    got = torch.autograd.grad(ctc + align, frames)[0]
+
+    # the plain computation: every class, squared distances as they are
+    vocab = sorted({t for ts in targets for t in ts} | (set(negatives) - {obj.blank_id}))
+    classes = torch.cat([weight[obj.blank_id][None], weight[vocab]])
+    f = frames.detach().clone().requires_grad_()
+    logp = (-(f[:, :, None] - classes).pow(2).sum(-1)).log_softmax(-1)  # (b, m, k + 1)
+    tgt = [torch.tensor([vocab.index(t) + 1 for t in ts]) for ts in targets]
+    ref = F.ctc_loss(logp.transpose(0, 1), torch.cat(tgt), lengths, torch.tensor([len(t) for t in tgt]),
+                     blank=0, zero_infinity=True)
+    dist = []
+    for i, t in enumerate(tgt):
+        path = forced_align(logp[i:i + 1, :int(lengths[i])].detach(), t[None], blank=0)[0][0]
+        first = torch.ones_like(path, dtype=torch.bool)
+        first[1:] = path[1:] != path[:-1]
+        dist.append((f[i, :len(path)] - classes[torch.where(first, path, 0)]).pow(2).sum(-1))
+    ref_align = torch.cat(dist).mean() / obj.scale
+    want = torch.autograd.grad(ref + ref_align, f)[0]
+    torch.testing.assert_close(ctc, ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(align, ref_align, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-5)
+    assert got.abs().max() > 1e-3  # a real gradient, not two zeros
+
+
 # -- configs -------------------------------------------------------------------------------
 @pytest.mark.parametrize("path", sorted((ROOT / "configs" / "speech").glob("*.yaml"))
                          + [ROOT / "configs" / "demo" / f"speech_{s}.yaml" for s in ("encoder_pretrain", "adapter")])
