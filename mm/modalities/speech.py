@@ -406,7 +406,9 @@ class SpeechLMObjective:
             return inputs
         from encoders.speech_features import spec_augment
 
-        gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step + 7)
+        # 2**40 apart from the negatives' seeds (seed * 1_000_003 + step), which an offset of a
+        # few steps made the same stream as a later step's negatives
+        gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step + 2**40)
         return dict(inputs, features=spec_augment(inputs["features"], inputs["lengths"], gen, **self.spec_augment))
 
     def loss(self, batch) -> tuple[torch.Tensor, dict]:
