@@ -456,7 +456,6 @@ class SpeechLMObjective:
         from torchaudio.functional import forced_align
 
         vocab = sorted({t for ts in targets for t in ts} | (set(negatives) - {self.blank_id}))
-        index = {t: k + 1 for k, t in enumerate(vocab)}  # 0 = blank
         weight = self.model.llm.get_input_embeddings().weight
         table = weight[vocab].detach()  # (k, d), frozen
         blank = self.modules["ctc_blank"].value if self.blank_id is None else weight[self.blank_id].detach()
@@ -473,13 +472,14 @@ class SpeechLMObjective:
         # holding the rest of each frame's probability (log(1 - their sum)), so its input is
         # still a distribution per frame (any CTC gradient convention stays right) and its
         # backward writes (m2, r, u + 2) instead of (m2, r, k + 1): ~25 ms less a demo step
-        used = sorted({index[t] for ts in targets for t in ts})
-        cols = torch.tensor([0] + used, dtype=torch.long, device=logp.device)
+        used = sorted({t for ts in targets for t in ts})  # the targets' tokens, in vocab's order
+        column = {t: j + 1 for j, t in enumerate(used)}  # 0 = blank
+        index = {t: k + 1 for k, t in enumerate(vocab)}  # a token's column among the k + 1
+        cols = torch.tensor([0] + [index[t] for t in used], dtype=torch.long, device=logp.device)
         kept = logp.index_select(-1, cols)  # (r, m2, u + 1)
         rest = (1 - kept.exp().sum(-1, keepdim=True)).clamp_min(1e-30).log()  # (r, m2, 1)
         logp = torch.cat([kept, rest], -1)  # (r, m2, u + 2): blank, the targets' tokens, the rest
-        column = {c: j + 1 for j, c in enumerate(used)}
-        tgt = [torch.tensor([column[index[t]] for t in ts], dtype=torch.long) for ts in targets]
+        tgt = [torch.tensor([column[t] for t in ts], dtype=torch.long) for ts in targets]
         lengths = lengths.cpu()
         ctc = F.ctc_loss(logp.transpose(0, 1), torch.cat(tgt), lengths, torch.tensor([len(t) for t in tgt]),
                          blank=0, zero_infinity=True)
