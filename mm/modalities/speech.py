@@ -288,7 +288,8 @@ class SpeechLMObjective:
     as it appears inside a sentence); negatives are the tokens of the batch's targets.
 
     The first ``ctc_only_steps`` steps train encoder + adapter on the CTC loss alone, without
-    running the LLM (about 20x cheaper per sample); then LM + ``ctc_weight`` x CTC. This only
+    running the LLM (no LLM forward or backward: about 10x cheaper per sample on 2 CPU cores,
+    configs/demo/speech_adapter.yaml); then LM + ``ctc_weight`` x CTC. This only
     speeds up learning (a CPU demo has a few hundred steps); ``ctc_weight: 0`` and
     ``ctc_only_steps: 0`` make it exactly the ``lm`` objective.
 
