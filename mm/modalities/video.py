@@ -276,12 +276,13 @@ def moving_shapes_records(root: str, *, split: str = "train", n: int = 256, seed
     """
     import json
 
-    from mm.sources.moving_shapes import make_dataset, read_manifest
+    from mm.sources.moving_shapes import ENCODING, make_dataset, read_manifest
 
     if task not in ("caption", "qa"):
         raise ValueError(f"moving-shapes: task must be caption or qa, not {task!r}")
     root = Path(root)
-    params = {"n": n, "seed": seed, "num_frames": num_frames, "size": size, "fps": fps, "clips": list(clips)}
+    params = {"n": n, "seed": seed, "num_frames": num_frames, "size": size, "fps": fps, "clips": list(clips),
+              "encoding": ENCODING}
     stamp = root / f"{split}.params.json"
     manifest = root / f"{split}.jsonl"
     if not (manifest.exists() and stamp.exists() and json.loads(stamp.read_text()) == params):

@@ -71,6 +71,29 @@ def test_make_dataset_is_deterministic(tmp_path):
     assert strip(make_dataset(tmp_path / "e", n=6, seed=3, split="test")) != strip(a)
 
 
+_WRITE_CLIPS = """
+import hashlib, json, sys
+from mm.sources.moving_shapes import make_dataset
+recs = make_dataset(sys.argv[1], n=int(sys.argv[2]), seed=0, split="train", num_frames=8, size=32, tasks=("motion",))
+print(json.dumps([hashlib.sha256(open(r["video"], "rb").read()).hexdigest() for r in recs]))
+"""
+
+
+def test_clips_are_byte_identical_across_processes_running_at_once(tmp_path):
+    """Four processes writing the demo's clips side by side (a loaded machine) write the same
+    bytes. With x264's CRF rate control 3-12% of such clips differed between runs, more often
+    under load (see `write_mp4`); this test caught that in two of four runs."""
+    import subprocess
+    import sys
+
+    procs = [subprocess.Popen([sys.executable, "-c", _WRITE_CLIPS, str(tmp_path / k), "512"],
+                              stdout=subprocess.PIPE, text=True) for k in "abcd"]
+    hashes = [json.loads(p.communicate(timeout=300)[0]) for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    differ = [i for i, h in enumerate(zip(*hashes)) if len(set(h)) > 1]
+    assert len(hashes[0]) == 512 and not differ, f"clips {differ[:10]} differ between the processes"
+
+
 def test_captions_and_answers(tmp_path):
     records = make_dataset(tmp_path, n=12, seed=1, split="val")
     for i, record in enumerate(records):

@@ -50,7 +50,7 @@ def clip_file(path, frames, h=S, w=S):
     x = np.zeros((frames, h, w, 3), np.uint8)
     for t in range(frames):
         x[t] = 15 * t
-    write_mp4(path, x, 8, crf=0)
+    write_mp4(path, x, 8, qp=0)
     return path
 
 
@@ -150,7 +150,7 @@ def test_preprocess_samples_uniformly_and_pads_to_max_frames(tmp_path):
 
 def test_preprocess_keeps_aspect_and_tiles_like_images(tmp_path):
     x = np.full((2, 64, 128, 3), 200, np.uint8)  # 2:1
-    write_mp4(tmp_path / "wide.mp4", x, 8, crf=0)
+    write_mp4(tmp_path / "wide.mp4", x, 8, qp=0)
     one = build_video(LLMShape(64, 8, 4, 2), encoder=ENCODER, max_frames=2, adapter=dict(layers=[1]))
     item = preprocess(read(tmp_path / "wide.mp4"), one)  # one tile: 16 x 32 inside 32 x 32
     rows = item["frames"][0, 0, 0].float().mean(1)  # (S,)
