@@ -50,13 +50,14 @@ COLOURS = {
 }
 DIRECTIONS = {"left": (0, -1), "right": (0, 1), "up": (-1, 0), "down": (1, 0)}  # (dy, dx)
 BACKGROUND = (240, 240, 240)
+QP = 20  # the clips' constant H.264 quantiser (see `write_mp4`)
 # how clips are encoded; a change makes the demo write its clips again (their stamp holds it)
-ENCODING = "h264 qp20 veryfast"
+ENCODING = f"h264 qp{QP} veryfast"
 TASKS = ("motion", "order")
 
 
 def write_mp4(
-    path: str | os.PathLike, frames: np.ndarray, fps: int | Fraction = 8, *, qp: int = 20
+    path: str | os.PathLike, frames: np.ndarray, fps: int | Fraction = 8, *, qp: int = QP
 ) -> None:
     """Write uint8 RGB frames (f, H, W, 3) as an H.264 (yuv420p) mp4 at the constant
     quantiser ``qp`` (0: lossless); H and W must be even.

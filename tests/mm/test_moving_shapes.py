@@ -88,8 +88,9 @@ def test_clips_are_byte_identical_across_processes_running_at_once(tmp_path):
 
     procs = [subprocess.Popen([sys.executable, "-c", _WRITE_CLIPS, str(tmp_path / k), "512"],
                               stdout=subprocess.PIPE, text=True) for k in "abcd"]
-    hashes = [json.loads(p.communicate(timeout=300)[0]) for p in procs]
-    assert all(p.returncode == 0 for p in procs)
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0, 0]
+    hashes = [json.loads(out) for out in outs]
     differ = [i for i, h in enumerate(zip(*hashes)) if len(set(h)) > 1]
     assert len(hashes[0]) == 512 and not differ, f"clips {differ[:10]} differ between the processes"
 
