@@ -456,7 +456,8 @@ class SpeechLMObjective:
         import torch.nn.functional as F
         from torchaudio.functional import forced_align
 
-        vocab = sorted({t for ts in targets for t in ts} | (set(negatives) - {self.blank_id}))
+        used = sorted({t for ts in targets for t in ts})  # the targets' tokens
+        vocab = sorted(set(used) | (set(negatives) - {self.blank_id}))
         weight = self.model.llm.get_input_embeddings().weight
         table = weight[vocab].detach()  # (k, d), frozen
         blank = self.modules["ctc_blank"].value if self.blank_id is None else weight[self.blank_id].detach()
@@ -473,10 +474,9 @@ class SpeechLMObjective:
         # holding the rest of each frame's probability (log(1 - their sum)), so its input is
         # still a distribution per frame (any CTC gradient convention stays right) and its
         # backward writes (m2, r, u + 2) instead of (m2, r, k + 1): ~25 ms less a demo step
-        used = sorted({t for ts in targets for t in ts})  # the targets' tokens, in vocab's order
         column = {t: j + 1 for j, t in enumerate(used)}  # 0 = blank
-        index = {t: k + 1 for k, t in enumerate(vocab)}  # a token's column among the k + 1
-        cols = torch.tensor([0] + [index[t] for t in used], dtype=torch.long, device=logp.device)
+        at = torch.searchsorted(torch.tensor(vocab), torch.tensor(used)) + 1  # their columns among the k + 1
+        cols = torch.cat([torch.zeros(1, dtype=torch.long), at]).to(logp.device)
         kept = logp.index_select(-1, cols)  # (r, m2, u + 1)
         rest = (1 - kept.exp().sum(-1, keepdim=True)).clamp_min(1e-30).log()  # (r, m2, 1)
         logp = torch.cat([kept, rest], -1)  # (r, m2, u + 2): blank, the targets' tokens, the rest

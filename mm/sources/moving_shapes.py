@@ -50,9 +50,9 @@ COLOURS = {
 }
 DIRECTIONS = {"left": (0, -1), "right": (0, 1), "up": (-1, 0), "down": (1, 0)}  # (dy, dx)
 BACKGROUND = (240, 240, 240)
-QP = 20  # the clips' constant H.264 quantiser (see `write_mp4`)
+QP, PRESET = 20, "veryfast"  # the clips' constant H.264 quantiser and x264 preset (see `write_mp4`)
 # how clips are encoded; a change makes the demo write its clips again (their stamp holds it)
-ENCODING = f"h264 qp{QP} veryfast"
+ENCODING = f"h264 qp{QP} {PRESET}"
 TASKS = ("motion", "order")
 
 
@@ -82,7 +82,7 @@ def write_mp4(
     with av.open(os.fspath(path), "w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=Fraction(fps))
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        stream.options = {"qp": str(qp), "preset": "veryfast", "threads": "1"}
+        stream.options = {"qp": str(qp), "preset": PRESET, "threads": "1"}
         for frame in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
                 container.mux(packet)
