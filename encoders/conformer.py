@@ -148,6 +148,19 @@ class ConformerBlock(nn.Module):
         return self.final_norm(x) * mask[..., None]  # padded frames stay zero
 
 
+def scale_branch_outputs(block: ConformerBlock, scale: float) -> None:
+    """Multiply the last layer of each residual branch of ``block`` (both FFNs' second Linear,
+    the attention's output projection, the conv module's last pointwise Linear) by ``scale``,
+    weights and biases. ``scale=0`` makes the block start as its final LayerNorm alone (as
+    zero-initialised residual branches in ResNets, Fixup and GPT-2's scaled init): the
+    encoder then starts as a normalised linear projection of the stacked features, and every
+    branch grows from zero. Draws no random numbers, so the other weights stay as seeded."""
+    with torch.no_grad():
+        for layer in (block.ffn1.net[-2], block.attn.out, block.conv.pointwise_out, block.ffn2.net[-2]):
+            layer.weight.mul_(scale)
+            layer.bias.mul_(scale)
+
+
 class Conformer(nn.Module):
     """A stack of Conformer blocks.
 
@@ -189,11 +202,17 @@ def conformer_block(
 def conformer(
     *, dim: int, num_layers: int, num_heads: int, ffn_dim: int, kernel_size: int,
     dropout: float = 0.0, rope_base: float = 10_000.0, activation_checkpointing: bool = False,
+    branch_init: float = 1.0,
 ) -> Conformer:
-    """A `num_layers`-block rotary Conformer of width `dim`."""
+    """A `num_layers`-block rotary Conformer of width `dim`; `branch_init` scales the residual
+    branches' last layers at initialisation (:func:`scale_branch_outputs`; 1.0: PyTorch's
+    default initialisation)."""
     blocks = [
         conformer_block(dim=dim, num_heads=num_heads, ffn_dim=ffn_dim, kernel_size=kernel_size,
                         dropout=dropout, rope_base=rope_base)
         for _ in range(num_layers)
     ]
+    if branch_init != 1.0:
+        for block in blocks:
+            scale_branch_outputs(block, branch_init)
     return Conformer(blocks, activation_checkpointing=activation_checkpointing)

@@ -75,29 +75,31 @@ class SpeechEncoder(nn.Module):
 def speech_encoder(
     *, dim: int, num_layers: int, num_heads: int, ffn_dim: int, kernel_size: int,
     num_mel_bins: int = NUM_MEL_BINS, stride: int = 4, dropout: float = 0.0,
-    activation_checkpointing: bool = False,
+    activation_checkpointing: bool = False, branch_init: float = 1.0,
 ) -> SpeechEncoder:
-    """Build a speech encoder from sizes."""
+    """Build a speech encoder from sizes (`branch_init`: see `encoders.conformer.conformer`)."""
     return SpeechEncoder(
         stacker=FrameStacker(in_dim=num_mel_bins, dim=dim, stride=stride),
         conformer=conformer(
             dim=dim, num_layers=num_layers, num_heads=num_heads, ffn_dim=ffn_dim,
             kernel_size=kernel_size, dropout=dropout,
-            activation_checkpointing=activation_checkpointing,
+            activation_checkpointing=activation_checkpointing, branch_init=branch_init,
         ),
     )
 
 
-def speech_encoder_tiny(*, dropout: float = 0.0) -> SpeechEncoder:
+def speech_encoder_tiny(*, dropout: float = 0.0, branch_init: float = 1.0) -> SpeechEncoder:
     """CPU demo size: d=144, 4 layers, 4 heads, FFN 576, conv kernel 15 (1.98M parameters)."""
-    return speech_encoder(dim=144, num_layers=4, num_heads=4, ffn_dim=576, kernel_size=15, dropout=dropout)
+    return speech_encoder(dim=144, num_layers=4, num_heads=4, ffn_dim=576, kernel_size=15, dropout=dropout,
+                          branch_init=branch_init)
 
 
-def speech_encoder_llama3(*, dropout: float = 0.1, activation_checkpointing: bool = False) -> SpeechEncoder:
+def speech_encoder_llama3(*, dropout: float = 0.1, activation_checkpointing: bool = False,
+                          branch_init: float = 1.0) -> SpeechEncoder:
     """Llama 3 speech encoder (1.00B parameters): d=1536, 24 layers, 24 heads, Macaron FFN
     4096, conv kernel 7. Forward + backward on ~1 s of audio peaks at ~8.3 GiB RSS on CPU
     (fp32 weights + gradients); AdamW states add another 8 GB."""
     return speech_encoder(
         dim=1536, num_layers=24, num_heads=24, ffn_dim=4096, kernel_size=7, dropout=dropout,
-        activation_checkpointing=activation_checkpointing,
+        activation_checkpointing=activation_checkpointing, branch_init=branch_init,
     )

@@ -171,6 +171,38 @@ def test_activation_checkpointing_gives_same_gradients():
     torch.testing.assert_close(grads[0], grads[1])
 
 
+def test_zero_branch_init_starts_each_block_as_its_final_norm():
+    # branch_init=0: every residual branch's last layer is zero, so the encoder starts as the
+    # final LayerNorms over the stacked features' projection; nothing else changes, the
+    # branches' last layers get gradients, and scale 1 is the default initialisation
+    torch.manual_seed(0)
+    default = speech_encoder_tiny()
+    torch.manual_seed(0)
+    zero = speech_encoder_tiny(branch_init=0.0)
+    torch.manual_seed(0)
+    assert all(torch.equal(a, b) for a, b in zip(default.parameters(), speech_encoder_tiny(branch_init=1.0).parameters()))
+    branch = {f"conformer.blocks.{i}.{n}" for i in range(4)
+              for n in ("ffn1.net.4.weight", "ffn1.net.4.bias", "attn.out.weight", "attn.out.bias",
+                        "conv.pointwise_out.weight", "conv.pointwise_out.bias",
+                        "ffn2.net.4.weight", "ffn2.net.4.bias")}
+    p0, p1 = dict(default.named_parameters()), dict(zero.named_parameters())
+    assert branch <= p1.keys()
+    for name, w in p1.items():
+        if name in branch:
+            assert not w.any() and p0[name].any(), name
+        else:
+            assert torch.equal(w, p0[name]), name
+    feats, lengths = zero.featurize(waveforms())
+    out, mask = zero(feats, lengths)
+    x, _ = zero.stacker(feats, lengths)
+    for block in zero.conformer.blocks:
+        x = block.final_norm(x) * mask[..., None]
+    torch.testing.assert_close(out, x)
+    target = torch.randn(out.shape[-1], generator=torch.Generator().manual_seed(0))
+    (out[mask] @ target).square().mean().backward()
+    assert all(p1[name].grad.abs().max() > 1e-3 for name in branch if name.endswith("weight"))
+
+
 def test_tiny_preset_size():
     enc = speech_encoder_tiny()
     assert enc.dim == 144 and len(enc.conformer.blocks) == 4
