@@ -605,8 +605,9 @@ def _cpu() -> float:
 
 def run_speech_demo(out_dir: Path, *, llm_spec: str = "smollm2", fast: bool = False, seed: int = 0) -> dict:
     """The speech part of ``mm demo``: the BEST-RQ encoder stage (0 steps in the demo's config:
-    the encoder as initialised, see configs/demo/speech_encoder_pretrain.yaml), then encoder +
-    adapter on ASR and spoken QA (configs/demo/speech_adapter.yaml), then WER and QA agreement
+    the encoder as initialised, with zeroed residual branches; see
+    configs/demo/speech_encoder_pretrain.yaml), then encoder + adapter on ASR and spoken QA
+    (configs/demo/speech_adapter.yaml), then WER and QA agreement
     on held-out voices (and held-out questions). Returns the metrics, also written to
     ``out_dir/speech_metrics.json``. ``fast``: a few steps and items (a smoke test)."""
     from mm.checkpoint import atomic_write_text
