@@ -95,11 +95,20 @@ def placement_mismatches(model: MultimodalLM, run_dir: Path, copy: dict[str, str
     return lines
 
 
+def _option(options: dict, dotted: str):
+    """options["a"]["b"] for "a.b"; None where a level is missing or not a dict."""
+    for key in dotted.split("."):
+        options = options.get(key) if isinstance(options, dict) else None
+    return options
+
+
 def init_option_mismatches(cfg: RunConfig, types: dict[str, ModalityType], run_dir: Path) -> list[str]:
     """One line for each modality option that only sets starting values (its type's
-    ``init_options``, e.g. speech's ``boundary_init``) and differs between this stage and the
-    ``init_from`` run: the run's tensors are loaded over this stage's initialisation, so the
-    option here has no effect (set it in the run that first builds the modality)."""
+    ``init_options``, e.g. speech's ``boundary_init``; a dotted name such as
+    ``encoder.branch_init`` is an option inside one of the modality's dicts) and differs
+    between this stage and the ``init_from`` run: the run's tensors are loaded over this
+    stage's initialisation, so the option here has no effect (set it in the run that first
+    builds the modality)."""
     try:
         theirs = load_config(Path(run_dir) / "config.yaml").model.modalities
     except (OSError, ConfigError, ValueError):
@@ -110,7 +119,7 @@ def init_option_mismatches(cfg: RunConfig, types: dict[str, ModalityType], run_d
             continue
         ours = cfg.model.modalities.get(name) or {}
         for opt in t.init_options:
-            a, b = ours.get(opt), (theirs.get(name) or {}).get(opt)
+            a, b = _option(ours, opt), _option(theirs.get(name) or {}, opt)
             if a != b:
                 lines.append(f"init_from: {name}.{opt} is {a!r} here but {b!r} in {run_dir}; that run's "
                              f"values are loaded, so this setting has no effect (set it in the first run)")

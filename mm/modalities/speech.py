@@ -205,7 +205,7 @@ def espeak_source(**options) -> list[dict]:
 SPEECH = ModalityType(
     name="speech", kind="tokens", build=build, read=read, preprocess=preprocess, collate=collate,
     empty=empty, num_tokens=num_tokens, suffixes=SUFFIXES, prompt="", sources={"espeak": espeak_source},
-    record_prompt=record_prompt, init_options=("boundary_init",),
+    record_prompt=record_prompt, init_options=("boundary_init", "encoder.branch_init"),
 )
 
 

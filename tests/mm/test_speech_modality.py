@@ -347,6 +347,10 @@ def test_speech_stages_end_to_end_with_bad_samples(tmp_path, llm_dir, capsys):
     other.model.modalities["audio"]["boundary_init"] = None
     [line] = init_option_mismatches(other, speech, pre)
     assert "audio.boundary_init is None here but ['“', '\"']" in line and str(pre) in line and "\n" not in line
+    other.model.modalities["audio"]["boundary_init"] = ["“", "\""]
+    other.model.modalities["audio"]["encoder"] = dict(ENC, branch_init=0)  # an option inside the encoder's dict
+    [line] = init_option_mismatches(other, speech, pre)
+    assert "audio.encoder.branch_init is 0 here but None in" in line
 
 
 def test_speech_lm_without_ctc_is_the_lm_objective(tmp_path, llm_dir):
