@@ -608,7 +608,8 @@ def run_speech_demo(out_dir: Path, *, llm_spec: str = "smollm2", fast: bool = Fa
     the encoder as initialised, with zeroed residual branches; see
     configs/demo/speech_encoder_pretrain.yaml), then encoder + adapter on ASR and spoken QA
     (configs/demo/speech_adapter.yaml), then WER and QA agreement on held-out voices (and
-    held-out questions). Returns the metrics, also written to ``out_dir/speech_metrics.json``. ``fast``: a few steps and items (a smoke test)."""
+    held-out questions). Returns the metrics, also written to ``out_dir/speech_metrics.json``.
+    ``fast``: a few steps and items (a smoke test)."""
     from mm.checkpoint import atomic_write_text
     from mm.demo import demo_config
     from mm.runs import load_run
