@@ -6,6 +6,13 @@ MHSA applies rotary position embedding to queries and keys and masks padded keys
 module zeroes padded frames before its depthwise convolution and normalises with LayerNorm
 (not BatchNorm), so a sample's output never depends on the rest of its batch.
 
+Padded frames do no work: :class:`Conformer` runs its blocks on the valid frames alone, packed
+as rows (n, d) (``index``: their flat positions in the (b * m) frames), and only attention and
+the depthwise convolution, which need the time axis, see the padded (b, m, .) layout. Every
+other op of a block is per frame. A speech batch is ~25-30% padding (utterances of mixed
+length); on 2 CPU cores the tiny encoder's forward and backward at the demo's training shape
+took ~17% less time than on the padded layout, with the same outputs up to float rounding.
+
 Notation: b = batch, m = frames, d = width, h = heads, k = head width (d / h).
 """
 
@@ -34,10 +41,26 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
+def pack(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Rows ``index`` of x (b, m, c) flattened to (b * m, c): the valid frames, (n, c)."""
+    return x.reshape(-1, x.shape[-1]).index_select(0, index)
+
+
+def unpack(x: torch.Tensor, index: torch.Tensor, b: int, m: int) -> torch.Tensor:
+    """Inverse of :func:`pack`: (n, c) rows back to (b, m, c), zero at the other frames."""
+    return x.new_zeros(b * m, x.shape[-1]).index_copy(0, index, x).view(b, m, x.shape[-1])
+
+
+def valid_index(mask: torch.Tensor) -> torch.Tensor:
+    """Flat positions (n,) of the True frames of ``mask`` (b, m), in order."""
+    return mask.reshape(-1).nonzero().squeeze(1)
+
+
 class RotarySelfAttention(nn.Module):
     """Multi-head self-attention with rotary positions and a key-padding mask (no norm inside).
 
-    forward(x (b, m, d), mask (b, m) bool, True = valid) -> (b, m, d).
+    forward(x (b, m, d), mask (b, m) bool, True = valid) -> (b, m, d); with ``index`` (see
+    :func:`pack`), x and the result are the valid frames only, (n, d).
     """
 
     def __init__(self, *, dim: int, num_heads: int, dropout: float = 0.0, rope_base: float = 10_000.0):
@@ -51,11 +74,11 @@ class RotarySelfAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.out = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        b, m, d = x.shape
-        q, k, v = (
-            self.qkv(x).view(b, m, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        )  # (b, h, m, k) each
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+        b, m = mask.shape
+        d = x.shape[-1]
+        qkv = self.qkv(x) if index is None else unpack(self.qkv(x), index, b, m)  # (b, m, 3d)
+        q, k, v = qkv.view(b, m, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (b, h, m, k) each
         cos, sin = rotary_tables(m, self.head_dim, base=self.rope_base, device=q.device, dtype=q.dtype)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         # A row with no valid key would give NaN; let it attend anywhere (its output is masked).
@@ -63,7 +86,8 @@ class RotarySelfAttention(nn.Module):
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=keys[:, None, None, :], dropout_p=self.dropout if self.training else 0.0
         )  # (b, h, m, k)
-        return self.out(y.transpose(1, 2).reshape(b, m, d))  # (b, m, d)
+        y = y.transpose(1, 2).reshape(b, m, d)
+        return self.out(y if index is None else pack(y, index))  # (b, m, d) or (n, d)
 
 
 class FeedForward(nn.Module):
@@ -107,7 +131,8 @@ class ConvModule(nn.Module):
     """LN -> pointwise (d -> 2d) -> GLU -> zero padding -> depthwise conv -> LN -> SiLU ->
     pointwise -> Dropout.
 
-    forward(x (b, m, d), mask (b, m)) -> (b, m, d).
+    forward(x (b, m, d), mask (b, m)) -> (b, m, d); with ``index`` (see :func:`pack`), x and
+    the result are the valid frames only, (n, d).
     """
 
     def __init__(self, *, dim: int, kernel_size: int, dropout: float = 0.0):
@@ -121,16 +146,20 @@ class ConvModule(nn.Module):
         self.pointwise_out = nn.Linear(dim, dim)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        y = F.glu(self.pointwise_in(self.norm(x)), dim=-1)  # (b, m, d)
-        y = y * mask[..., None]  # padding must not leak into valid frames
-        y = depthwise_conv(y, self.depthwise)  # (b, m, d)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+        y = F.glu(self.pointwise_in(self.norm(x)), dim=-1)  # (b, m, d) or (n, d)
+        if index is None:
+            y = depthwise_conv(y * mask[..., None], self.depthwise)  # padding must not leak into valid frames
+        else:
+            y = pack(depthwise_conv(unpack(y, index, *mask.shape), self.depthwise), index)  # zeros at padding
         y = F.silu(self.conv_norm(y))
-        return self.dropout(self.pointwise_out(y))  # (b, m, d)
+        return self.dropout(self.pointwise_out(y))  # (b, m, d) or (n, d)
 
 
 class ConformerBlock(nn.Module):
-    """One Macaron Conformer block; forward(x (b, m, d), mask (b, m)) -> (b, m, d)."""
+    """One Macaron Conformer block; forward(x (b, m, d), mask (b, m)) -> (b, m, d), zero at
+    padded frames. With ``index`` (see :func:`pack`), x and the result are the valid frames
+    only, (n, d): :class:`Conformer` runs its blocks that way."""
 
     def __init__(self, *, ffn1: FeedForward, attn: RotarySelfAttention, conv: ConvModule,
                  ffn2: FeedForward, dim: int, dropout: float = 0.0):
@@ -140,12 +169,15 @@ class ConformerBlock(nn.Module):
         self.attn_dropout = nn.Dropout(dropout)
         self.final_norm = nn.LayerNorm(dim)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        x = x + 0.5 * self.ffn1(x)  # (b, m, d)
-        x = x + self.attn_dropout(self.attn(self.attn_norm(x), mask))
-        x = x + self.conv(x, mask)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+        if index is None:
+            index = valid_index(mask)
+            return unpack(self(pack(x, index), mask, index), index, *mask.shape)  # padded frames zero
+        x = x + 0.5 * self.ffn1(x)  # (n, d)
+        x = x + self.attn_dropout(self.attn(self.attn_norm(x), mask, index))
+        x = x + self.conv(x, mask, index)
         x = x + 0.5 * self.ffn2(x)
-        return self.final_norm(x) * mask[..., None]  # padded frames stay zero
+        return self.final_norm(x)
 
 
 def scale_branch_outputs(block: ConformerBlock, scale: float) -> None:
@@ -176,12 +208,14 @@ class Conformer(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         if mask.dtype != torch.bool or mask.shape != x.shape[:2]:
             raise ValueError(f"mask must be bool {tuple(x.shape[:2])}, got {mask.dtype} {tuple(mask.shape)}")
+        index = valid_index(mask)
+        h = pack(x, index)  # (n, d): the valid frames
         for block in self.blocks:
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, mask, use_reentrant=False)
+                h = checkpoint(block, h, mask, index, use_reentrant=False)
             else:
-                x = block(x, mask)  # (b, m, d)
-        return x
+                h = block(h, mask, index)  # (n, d)
+        return unpack(h, index, *mask.shape)  # (b, m, d)
 
 
 def conformer_block(

@@ -149,6 +149,44 @@ def test_batched_equals_unbatched_encoder_and_adapter():
             assert not emb[i, n:].any()
 
 
+def test_conformer_on_valid_frames_only_matches_the_padded_layout():
+    """Conformer runs its blocks on the packed valid frames; the same blocks applied on the
+    padded (b, m, d) layout, op by op as the block's formula says, give the same outputs and
+    gradients up to float rounding, and padded frames stay zero."""
+    torch.manual_seed(0)
+    enc = conformer(dim=32, num_layers=2, num_heads=4, ffn_dim=64, kernel_size=5)
+    lengths = torch.tensor([11, 4, 9, 0])
+    mask = torch.arange(11)[None] < lengths[:, None]
+    x = torch.randn(4, 11, 32)
+    x[~mask] = 7.0  # whatever padding holds must not matter
+
+    def padded(h):
+        for blk in enc.blocks:
+            h = h + 0.5 * blk.ffn1(h)
+            h = h + blk.attn(blk.attn_norm(h), mask)
+            h = h + blk.conv(h, mask)
+            h = h + 0.5 * blk.ffn2(h)
+            h = blk.final_norm(h) * mask[..., None]
+        return h
+
+    outs, grads = [], []
+    for fn in (lambda h: enc(h, mask), padded):
+        xg = x.clone().requires_grad_()
+        out = fn(xg)
+        (out * torch.linspace(-1, 1, 32)).square().sum().backward()
+        outs.append(out.detach())
+        grads.append([xg.grad] + [p.grad.clone() for p in enc.parameters()])
+        enc.zero_grad()
+    assert not outs[0][~mask].any()
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    assert not grads[0][0][~mask].any()  # padding gets no gradient
+    # a block called on its own takes and returns the padded layout
+    blk_out = enc.blocks[0](x, mask)
+    assert blk_out.shape == x.shape and not blk_out[~mask].any()
+
+
 def test_too_short_audio_gives_empty_mask_not_nan():
     enc = tiny_encoder()
     feats, lengths = enc.featurize([torch.zeros(100), torch.randn(16_000) * 0.1])
