@@ -11,7 +11,8 @@ as rows (n, d) (``index``: their flat positions in the (b * m) frames), and only
 the depthwise convolution, which need the time axis, see the padded (b, m, .) layout. Every
 other op of a block is per frame. A speech batch is ~25-30% padding (utterances of mixed
 length); on 2 CPU cores the tiny encoder's forward and backward at the demo's training shape
-took ~17% less time than on the padded layout, with the same outputs up to float rounding.
+took ~17% less time than on the padded layout, and the demo's CTC step ~23% less, with the same
+outputs up to float rounding (docs/PERFORMANCE_LOG.md).
 
 Notation: b = batch, m = frames, d = width, h = heads, k = head width (d / h).
 """
