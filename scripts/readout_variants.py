@@ -15,50 +15,48 @@ from mm.runs import load_run
 from mm.speech import evaluate_speech
 var = sys.argv[2]; bs = int(sys.argv[3]) if len(sys.argv) > 3 else 32
 
+_readout, _embed = M.vocabulary_readout, M.Modality.embed
+_counts = {}  # per call: each row's token frames and valid frames, for "first"
+
+
+def readout(emb, mask, vocab, blank):
+    """The demo's read-out, then the variant; drop/keepN shorten ``mask`` in place, which the
+    Modality.embed calling this uses for where the end boundary goes."""
+    idx = M.ctc_repeats_blank(M.nearest_tokens(emb, vocab), blank)
+    out = _readout(emb, mask, vocab, blank)  # tokens first, then blanks, then padding
+    ntok = ((idx != blank) & mask).sum(-1)
+    _counts["ntok"], _counts["valid"] = ntok, mask.sum(-1)
+    if var == "drop" or var.startswith("keep"):
+        keep = ntok if var == "drop" else torch.minimum(ntok + int(var[4:]), mask.sum(-1))
+        mask &= torch.arange(mask.shape[1])[None] < keep[:, None]
+        out = out * mask[..., None]
+    elif var.startswith("fill:"):
+        f = var[5:]
+        isb = (torch.arange(mask.shape[1])[None] >= ntok[:, None]) & mask
+        if f == "ZERO":
+            row = torch.zeros(out.shape[-1])
+        else:
+            t = TOK(f.replace("\\n", "\n"), add_special_tokens=False)["input_ids"]
+            assert len(t) == 1, t
+            row = vocab[t[0]]
+        out = torch.where(isb[..., None], row.to(out.dtype), out)
+    return out
+
+
 def embed(self, feats, mask, vocab=None):
-    emb, emask = self.adapter(feats, mask)
-    if self.readout_blank is not None:
-        idx = M.ctc_repeats_blank(M.nearest_tokens(emb, vocab), self.readout_blank)
-        emb = M.vocabulary_readout(emb, emask, vocab, self.readout_blank)
-        if var in ("drop", "drop_strip") or var.startswith("keep"):
-            keep = ((idx != self.readout_blank) & emask).sum(-1)  # tokens come first after the sort
-            if var.startswith("keep"):
-                keep = torch.minimum(keep + int(var[4:]), emask.sum(-1))
-            emask = torch.arange(emask.shape[1])[None] < keep[:, None]
-            emb = emb * emask[..., None]
-        if var.startswith("fill:"):
-            f = var[5:]
-            ntok = ((idx != self.readout_blank) & emask).sum(-1)
-            pos = torch.arange(emask.shape[1])[None]
-            isb = (pos >= ntok[:, None]) & emask
-            if f == "ZERO":
-                row = torch.zeros(emb.shape[-1])
-            else:
-                t = TOK(f.replace("\\n", "\n"), add_special_tokens=False)["input_ids"]; assert len(t) == 1, t
-                row = vocab[t[0]]
-            emb = torch.where(isb[..., None], row.to(emb.dtype), emb)
-        if var == "first":
-            b, m2, d = emb.shape
-            ntok = ((idx != self.readout_blank) & emask).sum(-1)
-            lengths = emask.sum(-1)
-            out = emb.new_zeros(b, m2 + 2, d)
-            blank_row = vocab[self.readout_blank].to(emb.dtype)
-            for r in range(b):
-                nb = int(lengths[r] - ntok[r]); nt = int(ntok[r])
-                out[r, :nb] = blank_row
-                out[r, nb] = self.boundary[0]
-                out[r, nb + 1:nb + 1 + nt] = emb[r, :nt]
-                out[r, nb + 1 + nt] = self.boundary[1]
-            omask = torch.arange(m2 + 2, device=emb.device)[None] < (lengths + 2)[:, None]
-            return out, omask
-    b, m2, d = emb.shape
-    out = emb.new_zeros(b, m2 + 2, d)
-    lengths = emask.sum(-1)
-    out[:, 0] = self.boundary[0]
-    out[:, 1:m2 + 1] = emb * emask[..., None]
-    out[torch.arange(b), lengths + 1] = self.boundary[1].to(out.dtype)
-    omask = torch.arange(m2 + 2, device=emb.device)[None] < (lengths + 2)[:, None]
+    out, omask = _embed(self, feats, mask, vocab)  # [begin, tokens, blanks, end]
+    if var == "first":  # [blanks, begin, tokens, end]
+        out = out.clone()
+        for r, (nt, n) in enumerate(zip(_counts["ntok"].tolist(), _counts["valid"].tolist())):
+            row = out[r, :n + 2].clone()
+            nb = n - nt
+            out[r, :nb] = row[1 + nt:1 + n]
+            out[r, nb:nb + 1 + nt] = row[:1 + nt]
+            out[r, nb + 1 + nt] = row[n + 1]
     return out, omask
+
+
+M.vocabulary_readout = readout
 M.Modality.embed = embed
 model, llm, types, cfg = load_run(sys.argv[1])
 TOK = llm.tokenizer
