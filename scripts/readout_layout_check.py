@@ -13,7 +13,12 @@ text before the first word (default " ", as the CTC targets; NOLEAD for none); t
 PLACE: where the blanks go: after (the demo's: tokens, blanks, B1), before (B0, blanks,
 tokens), outside (after B1), first (before B0).
 """
-import sys, json, random, torch
+import ast
+import os
+import sys
+
+import torch
+
 torch.set_num_threads(2); torch.set_flush_denormal(True)
 from mm.runs import get_llm
 from mm.config import ModelConfig
@@ -60,13 +65,12 @@ def emb_of(s):
     return None if s is None else E[one(s)]
 
 
-import ast, os
-PLACE = os.environ.get('PLACE', 'after')
+PLACE = os.environ.get("PLACE", "after")
 for spec in sys.argv[1:]:
     # spec: b0|b1|k|asr prompt (with {m} for the speech)|lead|tasks
     f = spec.split("|")
     b0s, b1s, k = f[0], f[1], ast.literal_eval(f[2])
-    asrp = f[3] if len(f) > 3 and f[3] else ASR_PROMPT + "{m}"
+    asrp = f[3] if len(f) > 3 and f[3] else ASR_PROMPT.format(language="English") + "{m}"
     lead = ("" if f[4] == "NOLEAD" else (f[4] or " ")) if len(f) > 4 else " "
     tasks = f[5] if len(f) > 5 else "qa,asr"
     dec = lambda v: None if v == "NONE" else v.replace("\\n", "\n")
