@@ -132,8 +132,9 @@ class ConvModule(nn.Module):
     """LN -> pointwise (d -> 2d) -> GLU -> zero padding -> depthwise conv -> LN -> SiLU ->
     pointwise -> Dropout.
 
-    forward(x (b, m, d), mask (b, m)) -> (b, m, d); with ``index`` (see :func:`pack`), x and
-    the result are the valid frames only, (n, d).
+    forward(x (n, d), mask (b, m), index (n,)) -> (n, d): x and the result are the valid frames
+    only (see :func:`pack`); the depthwise convolution alone runs on the padded (b, m, d)
+    layout, zeros at the padding, so padding never leaks into valid frames.
     """
 
     def __init__(self, *, dim: int, kernel_size: int, dropout: float = 0.0):
@@ -147,14 +148,11 @@ class ConvModule(nn.Module):
         self.pointwise_out = nn.Linear(dim, dim)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
-        y = F.glu(self.pointwise_in(self.norm(x)), dim=-1)  # (b, m, d) or (n, d)
-        if index is None:
-            y = depthwise_conv(y * mask[..., None], self.depthwise)  # padding must not leak into valid frames
-        else:
-            y = pack(depthwise_conv(unpack(y, index, *mask.shape), self.depthwise), index)  # zeros at padding
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        y = F.glu(self.pointwise_in(self.norm(x)), dim=-1)  # (n, d)
+        y = pack(depthwise_conv(unpack(y, index, *mask.shape), self.depthwise), index)  # (n, d)
         y = F.silu(self.conv_norm(y))
-        return self.dropout(self.pointwise_out(y))  # (b, m, d) or (n, d)
+        return self.dropout(self.pointwise_out(y))  # (n, d)
 
 
 class ConformerBlock(nn.Module):

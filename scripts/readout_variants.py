@@ -22,9 +22,8 @@ _counts = {}  # per call: each row's token frames and valid frames, for "first"
 def readout(emb, mask, vocab, blank):
     """The demo's read-out, then the variant; drop/keepN shorten ``mask`` in place, which the
     Modality.embed calling this uses for where the end boundary goes."""
-    idx = M.ctc_repeats_blank(M.nearest_tokens(emb, vocab), blank)
-    out = _readout(emb, mask, vocab, blank)  # tokens first, then blanks, then padding
-    ntok = ((idx != blank) & mask).sum(-1)
+    out = _readout(emb, mask, vocab, blank)  # tokens first, then blanks, then padding: rows of vocab
+    ntok = ((out.detach() != vocab[blank].to(out.dtype)).any(-1) & mask).sum(-1)
     _counts["ntok"], _counts["valid"] = ntok, mask.sum(-1)
     if var == "drop" or var.startswith("keep"):
         keep = ntok if var == "drop" else torch.minimum(ntok + int(var[4:]), mask.sum(-1))

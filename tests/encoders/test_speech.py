@@ -164,7 +164,10 @@ def test_conformer_on_valid_frames_only_matches_the_padded_layout():
         for blk in enc.blocks:
             h = h + 0.5 * blk.ffn1(h)
             h = h + blk.attn(blk.attn_norm(h), mask)
-            h = h + blk.conv(h, mask)
+            c = blk.conv  # its ops on the padded layout, padding zeroed before the depthwise conv
+            y = torch.nn.functional.glu(c.pointwise_in(c.norm(h)), dim=-1) * mask[..., None]
+            y = c.depthwise(y.transpose(1, 2)).transpose(1, 2)
+            h = h + c.pointwise_out(torch.nn.functional.silu(c.conv_norm(y)))
             h = h + 0.5 * blk.ffn2(h)
             h = blk.final_norm(h) * mask[..., None]
         return h
