@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from mm.model import MediaInput
-from mm.prompts import encode, mark
+from mm.prompts import encode, mark, strip_marks
 
 
 class DataError(ValueError):
@@ -127,6 +127,7 @@ class Sample:
     ids: list[int]
     labels: list[int]
     media: dict[str, list[tuple[object, int]]]  # name -> [(item, position)]
+    prompted: bool = True  # the user's turn has text besides the media (MediaInput.prompted)
 
 
 def _paths(rec: dict, name: str) -> list[Path]:
@@ -182,6 +183,7 @@ def make_sample(rec: dict, *, model, types: dict, tokenizer, preprocess: dict, t
                 val.encode("utf-8")
             except UnicodeEncodeError:
                 raise BadSample(f"{where}: {key!r} is not valid Unicode text (unpaired surrogate)") from None
+    prompted = bool(strip_marks(question).strip())
     late: list[str] = []
     if "<|mm:" not in question:  # no marker: each modality's own placement
         where = {n: model.modalities[n].placement for n in present}
@@ -195,7 +197,7 @@ def make_sample(rec: dict, *, model, types: dict, tokenizer, preprocess: dict, t
         if name not in media or len(placed[name]) >= len(media[name]):
             raise BadSample(f"{where}: prompt marks a {name} that the record does not have")
         placed[name].append((media[name][len(placed[name])], pos))
-    return Sample(ids=enc.ids, labels=enc.labels, media=placed)
+    return Sample(ids=enc.ids, labels=enc.labels, media=placed, prompted=prompted)
 
 
 # -- batches -----------------------------------------------------------------------------
@@ -279,8 +281,10 @@ def collate(samples: list[Sample], *, types: dict, pad_id: int, media_keys: bool
                     pos[i, j] = got[j][1] if types[name].kind == "xattn" else got[j][1] + offsets[i]
                 else:
                     items.append(blank)
+        prompted = (torch.tensor([s.prompted for s in samples])[:, None].expand(b, n).clone()
+                    if types[name].kind == "tokens" else None)
         media[name] = MediaInput(inputs=types[name].collate(items), valid=valid, positions=pos,
-                                 keys=[media_key(it) for it in items] if media_keys else None)
+                                 keys=[media_key(it) for it in items] if media_keys else None, prompted=prompted)
     return Batch(ids, att, labels, media)
 
 

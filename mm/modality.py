@@ -17,6 +17,7 @@ from torch import nn
 
 KINDS = ("xattn", "tokens")
 PLACEMENTS = ("after_question", "before_answer", "before_question")
+READOUT_BLANKS = ("keep", "drop", "prompted")
 
 
 class Modality(nn.Module):
@@ -30,6 +31,12 @@ class Modality(nn.Module):
         llm_dim: LLM embedding width (for the boundary embeddings of ``"tokens"``).
         readout_blank: for ``"tokens"``, the vocabulary read-out (see :meth:`embed`): the
             token id that stands for "nothing here" (a CTC blank); None = no read-out.
+        readout_blanks: with a read-out, which items the LLM sees with their blank frames:
+            ``"keep"`` (every item: tokens, then the blanks), ``"drop"`` (none: the tokens
+            only) or ``"prompted"`` (items whose user turn also has text, e.g. ASR's "Repeat
+            after me in English:", keep them; speech that is the whole user turn, a spoken
+            question, is read as its tokens only). The blanks help a small frozen LLM repeat
+            what it is given and make it answer less like the text question would.
         placement: where a prompt with no media marker puts this modality's items:
             ``"after_question"`` (default: at the end of the user's text) or, for ``"xattn"``,
             ``"before_question"`` (in front of it, so every question token sees the media, as
@@ -40,7 +47,7 @@ class Modality(nn.Module):
 
     def __init__(self, *, kind: str, encoder: nn.Module, xattn: dict[int, nn.Module] | None = None,
                  adapter: nn.Module | None = None, llm_dim: int | None = None, readout_blank: int | None = None,
-                 placement: str = "after_question"):
+                 readout_blanks: str = "keep", placement: str = "after_question"):
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"unknown modality kind {kind!r}; choose one of {KINDS}")
@@ -60,7 +67,10 @@ class Modality(nn.Module):
             self.adapter = adapter
             # begin / end of media: new embeddings, so no vocabulary row of the LLM changes.
             self.boundary = nn.Parameter(torch.randn(2, llm_dim) * 0.02)
+        if readout_blanks not in READOUT_BLANKS:
+            raise ValueError(f"readout blanks must be one of {READOUT_BLANKS}, not {readout_blanks!r}")
         self.readout_blank = readout_blank
+        self.readout_blanks = readout_blanks
         # frozen front-part features kept across steps (training sets it; not a submodule)
         self.feature_cache: FeatureCache | None = None
 
@@ -100,20 +110,33 @@ class Modality(nn.Module):
                 cache.put(i, found[i])
         return self.encoder.head(torch.stack([found[i] for i in ids]), **kw, cut=cut)
 
-    def embed(self, feats: torch.Tensor, mask: torch.Tensor,
-              vocab: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def embed(self, feats: torch.Tensor, mask: torch.Tensor, vocab: torch.Tensor | None = None,
+              prompted: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Token embeddings ``[begin, adapter(features)..., end]`` left-aligned, with mask.
 
         With a read-out (``readout_blank``) and the LLM's input embedding table ``vocab``
         (V, d), the adapter's frames are read as the LLM's own tokens first: see
-        :func:`vocabulary_readout`.
+        :func:`vocabulary_readout`; :attr:`readout_blanks` says which items keep their blank
+        frames (``prompted`` (b,) bool: whether each item's user turn has text besides it;
+        None = yes).
+
+        Returns (embeddings (b, m2 + 2, d), mask (b, m2 + 2), width (b,)): ``width`` is the
+        placeholder columns each item was given (its adapter frames + 2); an item whose
+        blank frames were left out fills fewer, and :meth:`mm.model.MultimodalLM.run` masks
+        the rest out of attention.
         """
         emb, emask = self.adapter(feats, mask)  # (b, m2, d), (b, m2)
+        width = emask.sum(-1) + 2
         if self.readout_blank is not None:
             if vocab is None:
                 raise ValueError("this modality reads its frames out as LLM tokens: embed() needs the LLM's "
                                  "input embedding table (vocab=)")
-            emb = vocabulary_readout(emb, emask, vocab, self.readout_blank)
+            emb, read = vocabulary_readout(emb, emask, vocab, self.readout_blank)
+            drop = {"keep": None, "drop": torch.ones_like(read[:, 0]),
+                    "prompted": None if prompted is None else ~prompted.to(read.device)}[self.readout_blanks]
+            if drop is not None:  # those items: the tokens read, not the blank frames behind them
+                emask = emask & (read | ~drop[:, None])
+                emb = emb * emask[..., None]
         b, m2, d = emb.shape
         out = emb.new_zeros(b, m2 + 2, d)
         lengths = emask.sum(-1)
@@ -121,7 +144,7 @@ class Modality(nn.Module):
         out[:, 1:m2 + 1] = emb * emask[..., None]
         out[torch.arange(b), lengths + 1] = self.boundary[1].to(out.dtype)
         omask = torch.arange(m2 + 2, device=emb.device)[None] < (lengths + 2)[:, None]
-        return out, omask
+        return out, omask, width
 
 
 class FeatureCache:
@@ -181,7 +204,8 @@ def ctc_repeats_blank(idx: torch.Tensor, blank: int) -> torch.Tensor:
     return idx.masked_fill(repeat, blank)
 
 
-def vocabulary_readout(emb: torch.Tensor, mask: torch.Tensor, vocab: torch.Tensor, blank: int) -> torch.Tensor:
+def vocabulary_readout(emb: torch.Tensor, mask: torch.Tensor, vocab: torch.Tensor,
+                       blank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Read adapter frames ``emb`` (b, m, d) as the LLM's own tokens (CTC-style read-out).
 
     Each valid frame becomes the input embedding of its nearest token (forward), with a
@@ -194,6 +218,9 @@ def vocabulary_readout(emb: torch.Tensor, mask: torch.Tensor, vocab: torch.Tenso
     loss that pulls frames onto token embeddings (``speech_lm``); on a CPU budget of minutes
     the frames stay too far from the embeddings for the frozen LLM to read them as they are.
     Padded frames (``mask`` False) stay zero and last.
+
+    Returns (embeddings (b, m, d), read (b, m) bool: the columns holding a token read, the
+    first ones of each row).
     """
     idx = ctc_repeats_blank(nearest_tokens(emb, vocab), blank)  # (b, m)
     snapped = vocab[idx].to(emb.dtype)
@@ -201,4 +228,5 @@ def vocabulary_readout(emb: torch.Tensor, mask: torch.Tensor, vocab: torch.Tenso
     rank = (idx == blank).long() + 2 * (~mask).long()  # tokens, then blanks, then padding
     order = torch.sort(rank, dim=1, stable=True).indices  # (b, m)
     out = torch.gather(out, 1, order[..., None].expand_as(out))
-    return out * mask[..., None]
+    read = torch.arange(idx.shape[1], device=idx.device)[None] < (rank == 0).sum(-1, keepdim=True)
+    return out * mask[..., None], read

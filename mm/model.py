@@ -37,17 +37,22 @@ class MediaInput:
             Token embeddings: the position of the item's first placeholder token.
         keys: optional, one content key per item (b * n, :func:`mm.data.media_key`): with
             them a modality's feature cache can reuse a fixed encoder part's output.
+        prompted: optional (b, n) bool, token embeddings: whether the item's user turn has
+            text besides the media (a task prompt such as ASR's); a read-out modality with
+            ``readout_blanks: prompted`` shows blank frames only to those. None = all have.
     """
 
     inputs: object
     valid: torch.Tensor
     positions: torch.Tensor
     keys: list | None = None
+    prompted: torch.Tensor | None = None
 
     def to(self, device) -> "MediaInput":
         move = (lambda x: x.to(device) if torch.is_tensor(x) else
                 {k: v.to(device) if torch.is_tensor(v) else v for k, v in x.items()} if isinstance(x, dict) else x)
-        return MediaInput(move(self.inputs), self.valid.to(device), self.positions.to(device), self.keys)
+        return MediaInput(move(self.inputs), self.valid.to(device), self.positions.to(device), self.keys,
+                          None if self.prompted is None else self.prompted.to(device))
 
 
 @dataclass
@@ -205,6 +210,21 @@ class _Skip(nn.Module):
         return hidden_states
 
 
+def mask_unused_placeholders(attention_mask: torch.Tensor, tokens: dict) -> None:
+    """Set ``attention_mask`` (b, t) to 0, in place, at the placeholder columns of
+    token-embedding media that their embeddings do not fill (``tokens``: from
+    :meth:`MultimodalLM.encode_media`): the sequence then reads as if those columns were not
+    there (positions count only unmasked columns)."""
+    for _, emask, mi, width in tokens.values():
+        used = emask.sum(-1)  # (b, n)
+        short = mi.valid & (used < width)
+        if not bool(short.any()):
+            continue
+        for bi, ni in short.nonzero().tolist():
+            p = int(mi.positions[bi, ni])
+            attention_mask[bi, p + int(used[bi, ni]):p + int(width[bi, ni])] = 0
+
+
 class MultimodalLM(nn.Module):
     """A frozen causal LM with modalities attached.
 
@@ -304,8 +324,11 @@ class MultimodalLM(nn.Module):
                     self.kv_projections += 1
                 cross[name] = CrossMedia(kv=kv, start=start, valid=valid)
             else:
-                emb, emask = mod.embed(feats, fmask, self.llm.get_input_embeddings().weight)  # (b*n, m2, d), (b*n, m2)
-                tokens[name] = (emb.reshape(batch, n, *emb.shape[1:]), emask.reshape(batch, n, -1), mi)
+                prompted = None if mi.prompted is None else mi.prompted.reshape(-1)
+                emb, emask, width = mod.embed(feats, fmask, self.llm.get_input_embeddings().weight,
+                                              prompted)  # (b*n, m2 + 2, d), (b*n, m2 + 2), (b*n,)
+                tokens[name] = (emb.reshape(batch, n, *emb.shape[1:]), emask.reshape(batch, n, -1), mi,
+                                width.reshape(batch, n))
         return cross, tokens
 
     def _embed(self, input_ids: torch.Tensor, tokens: dict, column_offset: int = 0) -> torch.Tensor:
@@ -313,7 +336,7 @@ class MultimodalLM(nn.Module):
         if not tokens:
             return emb
         emb = emb.clone()
-        for name, (e, emask, mi) in tokens.items():
+        for name, (e, emask, mi, _) in tokens.items():
             for bi, ni in mi.valid.nonzero().tolist():
                 k = int(emask[bi, ni].sum())
                 p = int(mi.positions[bi, ni]) - column_offset
@@ -397,6 +420,10 @@ class MultimodalLM(nn.Module):
         :func:`mm.data.collate` so that the shared part is column-aligned. With
         :attr:`prefix_cache` set, prefixes seen in earlier batches are not run again.
 
+        Placeholder columns that a read-out left unused (speech read without its blank frames,
+        ``readout_blanks``) are masked out in ``attention_mask`` itself, so that a caller
+        continuing the sequence (generation) sees them masked too.
+
         Returns (hidden states of columns ``start..t``, cache, start, encoded media).
         ``start``: :meth:`start_column`'s answer when the caller has it already.
         """
@@ -404,6 +431,7 @@ class MultimodalLM(nn.Module):
         # with no media at all, one plain prefill: exactly what the base model computes
         p = self.start_column(attention_mask, media, share_prefix) if start is None else start
         encoded = self.encode_media(media, b)
+        mask_unused_placeholders(attention_mask, encoded[1])
         positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (b, t)
         cache = self.new_cache() if (use_cache or p > 0) else None
         if p > 0:

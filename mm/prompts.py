@@ -19,6 +19,11 @@ def mark(name: str) -> str:
     return MARK.format(name)
 
 
+def strip_marks(text: str) -> str:
+    """``text`` without its media markers."""
+    return _MARK_RE.sub("", text)
+
+
 @dataclass
 class Encoded:
     """One tokenised sample.

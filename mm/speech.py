@@ -406,7 +406,8 @@ def transcribe_waves(model, types: dict, tokenizer, waves: list[torch.Tensor], *
         item = preprocess(w, mod, max_seconds=max_seconds)
         enc = encode(tokenizer, text + mark(name), None, media_tokens={name: [num_tokens(item, mod) + 2]})
         budget = _token_budget(w.numel() / 16_000, tokens_per_second, extra_tokens)
-        todo.append((i, Sample(ids=enc.ids, labels=enc.labels, media={name: [(item, enc.media[0][1])]}), budget))
+        todo.append((i, Sample(ids=enc.ids, labels=enc.labels, media={name: [(item, enc.media[0][1])]},
+                               prompted=bool(text.strip())), budget))
     for k in range(0, len(todo), batch_size):
         part = todo[k:k + batch_size]
         batch = collate([s for _, s, _ in part], types=types, pad_id=pad)

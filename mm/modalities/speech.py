@@ -59,7 +59,11 @@ def build(llm: LLMShape, *, encoder: dict | None = None, adapter: dict | None = 
 
     ``readout: {blank: " "}`` (or ``{blank_id: N}``): the adapter's frames enter the LLM read
     out as its own tokens, blanks moved last (:func:`mm.modality.vocabulary_readout`); off by
-    default (the Llama 3 recipe feeds the frames as they are).
+    default (the Llama 3 recipe feeds the frames as they are). ``readout: {..., blanks:
+    keep | drop | prompted}``: which utterances the LLM sees with their blank frames (default
+    ``keep``, all; ``prompted``: those that come with text in the user's turn, such as ASR's
+    prompt, while a spoken question on its own is read as its tokens only; see
+    :class:`mm.modality.Modality`).
 
     ``boundary_init``: the two new boundary embeddings (begin, end of speech) start as copies
     of these one-token texts' input embeddings (one text for both, or a list of two), e.g.
@@ -69,7 +73,10 @@ def build(llm: LLMShape, *, encoder: dict | None = None, adapter: dict | None = 
     e = _preset(ENCODERS, enc.pop("preset", "tiny"), "encoder")(**enc)
     ad = dict(adapter or {})
     a = _preset(ADAPTERS, ad.pop("preset", "tiny"), "adapter")(encoder_dim=e.dim, llm_dim=llm.dim, **ad)
-    mod = Modality(kind="tokens", encoder=e, adapter=a, llm_dim=llm.dim, readout_blank=_readout_blank(llm, readout))
+    readout = dict(readout or {})
+    blanks = readout.pop("blanks", "keep")
+    mod = Modality(kind="tokens", encoder=e, adapter=a, llm_dim=llm.dim, readout_blank=_readout_blank(llm, readout),
+                   readout_blanks=blanks)
     if boundary_init is not None:
         with torch.no_grad():
             mod.boundary.copy_(_boundary_rows(llm, boundary_init))
@@ -91,7 +98,8 @@ def _readout_blank(llm: LLMShape, readout: dict | None) -> int | None:
         return None
     unknown = set(readout) - {"blank", "blank_id"}
     if unknown or len(readout) != 1:
-        raise ValueError(f"readout takes one of blank (text) or blank_id (token id), got {sorted(readout)}")
+        raise ValueError(f"readout takes one of blank (text) or blank_id (token id), and optionally blanks, "
+                         f"got {sorted(readout)}")
     if "blank_id" in readout:
         return int(readout["blank_id"])
     if llm.token_ids is None:
@@ -435,7 +443,7 @@ class SpeechLMObjective:
         rows = [i for i, c in enumerate(ctc_targets) if c]
         if not self.ctc_weight or not rows or self.name not in tokens:
             return lm, info
-        emb, emask, mi = tokens[self.name]  # (b, n, m2 + 2, d): [begin, frames..., end]
+        emb, emask, mi, _ = tokens[self.name]  # (b, n, m2 + 2, d): [begin, frames..., end]
         if mod.readout_blank is None:
             frames, lengths = emb[rows, 0, 1:-1], emask[rows, 0].sum(-1) - 2
         else:  # the LLM saw the frames read out as tokens: the CTC loss needs them as they were

@@ -130,9 +130,9 @@ def test_batched_transcripts_equal_one_by_one():
     # the speech encoder + adapter outputs themselves do not depend on the batch
     mod = model.modalities["audio"]
     items = [SPEECH.preprocess(w, mod) for w in waves[:3]]
-    emb, mask = mod.embed(*mod.encode(SPEECH.collate(items)))
+    emb, mask, _ = mod.embed(*mod.encode(SPEECH.collate(items)))
     for i, it in enumerate(items):
-        e1, m1 = mod.embed(*mod.encode(SPEECH.collate([it])))
+        e1, m1, _ = mod.embed(*mod.encode(SPEECH.collate([it])))
         n = int(m1.sum())
         assert int(mask[i].sum()) == n and torch.allclose(emb[i, :n], e1[0, :n], atol=1e-5)
 
@@ -529,9 +529,10 @@ def test_vocabulary_readout_snaps_to_tokens_and_moves_blanks_last():
     mask = torch.tensor([[True] * 6, [True] * 3 + [False] * 3])
     frames = (vocab[ids] + 0.01 * torch.randn(2, 6, 8)).requires_grad_()
     assert torch.equal(nearest_tokens(frames, vocab, chunk=5), ids)  # chunked == whole
-    out = vocabulary_readout(frames, mask, vocab, blank=3)
+    out, read = vocabulary_readout(frames, mask, vocab, blank=3)
     # tokens in their order, then blanks, then zero padding; exact LLM embeddings
     assert torch.equal(out[0], vocab[[7, 7, 9, 0, 3, 3]])
+    assert read.tolist() == [[True] * 4 + [False] * 2, [True] + [False] * 5]
     assert torch.equal(out[1, :3], vocab[[11, 3, 3]]) and not out[1, 3:].any()
     # straight-through: the gradient reaches each frame at its new place
     w = torch.randn_like(out)
@@ -540,11 +541,11 @@ def test_vocabulary_readout_snaps_to_tokens_and_moves_blanks_last():
     assert not frames.grad[1, 3:].any()
     # without gradients the output is the embeddings themselves
     with torch.no_grad():
-        assert torch.equal(vocabulary_readout(frames.detach(), mask, vocab, blank=3), out.detach())
+        assert torch.equal(vocabulary_readout(frames.detach(), mask, vocab, blank=3)[0], out.detach())
 
     # CTC collapse: a frame read as the token before it is a blank; a blank between keeps both
     rep = torch.tensor([[7, 7, 3, 7, 9, 9]])
-    col = vocabulary_readout(vocab[rep], torch.ones(1, 6, dtype=torch.bool), vocab, blank=3)
+    col, _ = vocabulary_readout(vocab[rep], torch.ones(1, 6, dtype=torch.bool), vocab, blank=3)
     assert torch.equal(col[0], vocab[[7, 7, 9, 3, 3, 3]])
 
 
@@ -560,7 +561,7 @@ def test_readout_model_batched_equals_one_by_one_and_text_is_untouched():
     assert transcribe_waves(model, types, tok, waves, batch_size=3, tokens_per_second=4) == one
     mod = model.modalities["audio"]
     vocab = llm.get_input_embeddings().weight
-    emb, mask = mod.embed(*mod.encode(SPEECH.collate([SPEECH.preprocess(waves[1], mod)])), vocab)
+    emb, mask, _ = mod.embed(*mod.encode(SPEECH.collate([SPEECH.preprocess(waves[1], mod)])), vocab)
     n = int(mask[0].sum())
     frames = emb[0, 1:n - 1]  # between the boundary embeddings: rows of the LLM's own table
     assert (frames[:, None] == vocab[None]).all(-1).any(-1).all()
@@ -568,6 +569,95 @@ def test_readout_model_batched_equals_one_by_one_and_text_is_untouched():
         mod.embed(*mod.encode(SPEECH.collate([SPEECH.preprocess(waves[1], mod)])))
     ids = torch.tensor([[1, 2, 3]])
     assert torch.equal(model(ids, attention_mask=torch.ones_like(ids)), llm(ids).logits)
+
+
+def _blanks_model(blanks: str):
+    """A read-out model whose blank is the token its frames are read as most often (so that
+    the random adapter's read-out has blank frames to keep or drop)."""
+    from mm.modality import nearest_tokens
+
+    llm = tiny_llm(layers=2)
+    torch.manual_seed(3)
+    model = MultimodalLM(llm, {"audio": build(llm_shape(llm.config), encoder=ENC, adapter=ADA,
+                                              readout={"blank_id": 0, "blanks": blanks})}).eval()
+    mod = model.modalities["audio"]
+    waves = [torch.from_numpy(voice_like(s, seed=i)) for i, s in enumerate((0.9, 2.3, 1.4))]
+    with torch.no_grad():
+        frames, _ = mod.adapter(*mod.encode(SPEECH.collate([SPEECH.preprocess(w, mod) for w in waves])))
+    mod.readout_blank = int(nearest_tokens(frames, llm.get_input_embeddings().weight).flatten().mode().values)
+    return model, llm, mod, waves
+
+
+def test_spoken_question_is_read_without_its_blank_frames():
+    """``readout_blanks: prompted``: an utterance with a text prompt (ASR) keeps its blank
+    frames; one that is the whole user turn (a spoken question) is read as its tokens only, and
+    the placeholder columns it leaves are masked: the LLM computes what it computes for a
+    prompt with exactly those columns."""
+    from mm.data import Sample, collate
+    from mm.modalities.speech import num_tokens
+    from mm.prompts import encode, mark
+
+    model, llm, mod, waves = _blanks_model("prompted")
+    tok = char_tokenizer()
+    vocab = llm.get_input_embeddings().weight
+    item = SPEECH.preprocess(waves[1], mod)
+    with torch.no_grad():
+        feats, fmask = mod.encode(SPEECH.collate([item, item]))
+        emb, mask, width = mod.embed(feats, fmask, vocab, torch.tensor([True, False]))
+    n, k = int(mask[0].sum()), int(mask[1].sum())
+    assert n == int(width[0]) == int(width[1]) == num_tokens(item, mod) + 2
+    assert 2 < k < n  # some tokens read, some blank frames left out
+    assert torch.equal(emb[1, :k - 1], emb[0, :k - 1])  # [begin, tokens...] as in the full read-out
+    assert torch.equal(emb[1, k - 1], mod.boundary[1].detach()) and not emb[1, k:].any()
+    with torch.no_grad():  # keep / drop: every item alike
+        for blanks, used in (("keep", n), ("drop", k)):
+            mod.readout_blanks = blanks
+            assert mod.embed(feats, fmask, vocab, torch.tensor([True, False]))[1].sum(-1).tolist() == [used, used]
+    mod.readout_blanks = "prompted"
+
+    # the spoken question through the model == a prompt with exactly k placeholder columns
+    pad = tok.pad_token_id
+    enc = encode(tok, mark("audio"), None, media_tokens={"audio": [n]})
+    batch = collate([Sample(enc.ids, enc.labels, {"audio": [(item, enc.media[0][1])]}, prompted=False)],
+                    types={"audio": SPEECH}, pad_id=pad)
+    assert batch.media["audio"].prompted.tolist() == [[False]]
+    att = batch.attention_mask.clone()
+    with torch.no_grad():
+        h, *_ = model.run(batch.input_ids, att, media=batch.media)
+        got = model.logits(h[:, -1])
+    p = enc.media[0][1]
+    assert att[0, p:p + k].all() and not att[0, p + k:p + n].any() and int(att.sum()) == len(enc.ids) - (n - k)
+    short = encode(tok, mark("audio"), None, media_tokens={"audio": [k]})
+    with torch.no_grad():
+        rows = llm.get_input_embeddings()(torch.tensor([short.ids]))
+        rows[0, p:p + k] = emb[1, :k]
+        want = llm(inputs_embeds=rows).logits[:, -1]
+    assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+
+    # spoken questions of mixed lengths (holes in the batch's masks): batched == one by one,
+    # and the ASR prompt still shows the blank frames (other replies than without them)
+    one = [transcribe_waves(model, {"audio": SPEECH}, tok, [w], prompt="", tokens_per_second=4)[0] for w in waves]
+    assert transcribe_waves(model, {"audio": SPEECH}, tok, waves, prompt="", batch_size=3, tokens_per_second=4) == one
+    asr = transcribe_waves(model, {"audio": SPEECH}, tok, waves, batch_size=3, tokens_per_second=4)
+    mod.readout_blanks = "keep"
+    assert transcribe_waves(model, {"audio": SPEECH}, tok, waves, batch_size=3, tokens_per_second=4) == asr
+
+
+def test_records_say_whether_the_speech_came_with_text(tmp_path):
+    from mm.data import collate, make_sample
+
+    model, llm, mod, waves = _blanks_model("prompted")
+    tok = char_tokenizer()
+    path = tmp_path / "q.wav"
+    sf.write(path, waves[0].numpy(), SR)
+    types = {"audio": SPEECH}
+    made = [make_sample(rec, model=model, types=types, tokenizer=tok, preprocess={}, train=False)
+            for rec in ({"audio": str(path), "task": "asr"}, {"audio": str(path), "task": "qa"},
+                        {"audio": str(path)}, {"audio": str(path), "question": "who speaks? <|mm:audio|>"},
+                        {"audio": str(path), "question": " <|mm:audio|> "})]
+    assert [s.prompted for s in made] == [True, False, False, True, False]
+    batch = collate(made, types=types, pad_id=tok.pad_token_id)
+    assert batch.media["audio"].prompted[:, 0].tolist() == [True, False, False, True, False]
 
 
 def test_readout_options_are_checked():
@@ -578,6 +668,9 @@ def test_readout_options_are_checked():
         build(shape, encoder=ENC, adapter=ADA, readout={"blank": "  "})
     with pytest.raises(ValueError, match="one of blank"):
         build(shape, encoder=ENC, adapter=ADA, readout={"blank": " ", "blank_id": 3})
+    assert build(shape, encoder=ENC, adapter=ADA, readout={"blank": " ", "blanks": "prompted"}).readout_blanks == "prompted"
+    with pytest.raises(ValueError, match="readout blanks must be one of"):
+        build(shape, encoder=ENC, adapter=ADA, readout={"blank": " ", "blanks": "sometimes"})
     with pytest.raises(ValueError, match="needs the LLM's tokenizer"):
         build(LLMShape(dim=16, n_layers=2, n_heads=2, n_kv_heads=2), encoder=ENC, adapter=ADA, readout={"blank": " "})
 
