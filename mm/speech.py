@@ -79,6 +79,10 @@ _PATTERNS = (  # statements: the frozen LLM repeats them as they are (it would a
     lambda r: f"{r.choice(ADJECTIVES)} is the opposite of {r.choice(ADJECTIVES)}",
     lambda r: f"the {r.choice(ANIMALS)} is in the {r.choice(PLACES)}",
     lambda r: f"a {r.choice(ADJECTIVES)} {r.choice(PEOPLE)} {r.choice(PAST)} the {r.choice(THINGS)}",
+    # two more with a country: 40 countries in 2 of 12 frames were heard ~9 times each in 3,000
+    # sentences (a noun ~30), and countries were the words the spoken questions lost most
+    lambda r: f"{r.choice(NAMES).title()} flew to {r.choice(COUNTRIES).title()}",
+    lambda r: f"the {r.choice(NOUNS)} is from {r.choice(COUNTRIES).title()}",
 )
 
 
