@@ -132,11 +132,10 @@ class Modality(nn.Module):
                 raise ValueError("this modality reads its frames out as LLM tokens: embed() needs the LLM's "
                                  "input embedding table (vocab=)")
             emb, read = vocabulary_readout(emb, emask, vocab, self.readout_blank)
-            drop = {"keep": None, "drop": torch.ones_like(read[:, 0]),
-                    "prompted": None if prompted is None else ~prompted.to(read.device)}[self.readout_blanks]
-            if drop is not None:  # those items: the tokens read, not the blank frames behind them
-                emask = emask & (read | ~drop[:, None])
-                emb = emb * emask[..., None]
+            if self.readout_blanks == "drop":  # the tokens read, not the blank frames behind them
+                emask = emask & read
+            elif self.readout_blanks == "prompted" and prompted is not None:
+                emask = emask & (read | prompted.to(read.device)[:, None])
         b, m2, d = emb.shape
         out = emb.new_zeros(b, m2 + 2, d)
         lengths = emask.sum(-1)

@@ -217,10 +217,7 @@ def mask_unused_placeholders(attention_mask: torch.Tensor, tokens: dict) -> None
     there (positions count only unmasked columns)."""
     for _, emask, mi, width in tokens.values():
         used = emask.sum(-1)  # (b, n)
-        short = mi.valid & (used < width)
-        if not bool(short.any()):
-            continue
-        for bi, ni in short.nonzero().tolist():
+        for bi, ni in (mi.valid & (used < width)).nonzero().tolist():
             p = int(mi.positions[bi, ni])
             attention_mask[bi, p + int(used[bi, ni]):p + int(width[bi, ni])] = 0
 

@@ -24,13 +24,13 @@ _counts = {}  # per call: each row's token frames and valid frames, for "first"
 
 
 def readout(emb, mask, vocab, blank):
-    """The demo's read-out, then the variant; drop/keepN shorten ``mask`` in place, which the
+    """The demo's read-out, then the variant; keepN shortens ``mask`` in place, which the
     Modality.embed calling this uses for where the end boundary goes."""
     out, read = _readout(emb, mask, vocab, blank)  # tokens first, then blanks, then padding: rows of vocab
     ntok = read.sum(-1)
     _counts["ntok"], _counts["valid"] = ntok, mask.sum(-1)
-    if var == "drop" or var.startswith("keep"):
-        keep = ntok if var == "drop" else torch.minimum(ntok + int(var[4:]), mask.sum(-1))
+    if var.startswith("keep"):
+        keep = torch.minimum(ntok + int(var[4:]), mask.sum(-1))
         mask &= torch.arange(mask.shape[1])[None] < keep[:, None]
         out = out * mask[..., None]
     elif var.startswith("fill:"):
@@ -62,8 +62,8 @@ def embed(self, feats, mask, vocab=None, prompted=None):
 M.vocabulary_readout = readout
 M.Modality.embed = embed
 model, llm, types, cfg = load_run(sys.argv[1])
-if var == "prompted":
-    next(m for m in model.modalities.values() if m.kind == "tokens").readout_blanks = "prompted"
+if var in ("drop", "prompted"):  # the library's own options
+    next(m for m in model.modalities.values() if m.kind == "tokens").readout_blanks = var
 TOK = llm.tokenizer
 res = evaluate_speech(model, types, llm.tokenizer, cfg.eval.sources, batch_size=bs, samples=0)
 print(var, bs, {k: (v.get("wer"), v.get("qa_agreement"), v.get("answer_agreement")) for k, v in res.items()})
