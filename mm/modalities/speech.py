@@ -21,6 +21,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -320,6 +321,13 @@ class SpeechLMObjective:
     :func:`encoders.speech_features.spec_augment`'s options (``freq_masks``, ``freq_width``,
     ``time_masks``, ``time_width``, ``warp``), applied to every training batch's features,
     CTC-only and LM steps alike, drawn from (seed, step),
+    ``phone_ctc`` (default 0: off): the weight of a second CTC loss, on the encoder's own
+    frames (40 ms, before the adapter), against the phonemes eSpeak NG says for the same text
+    (:func:`mm.sources.espeak.phonemes`, in the record's ``voice``, or ``phone_voice``,
+    default ``"en-us"``, for records without one) through a linear head that only training
+    uses. A word's tokens are one class each, learnt from the few times the word is heard; its
+    phonemes are shared with every other word, so the encoder is taught the sounds themselves.
+    It applies wherever the token CTC loss does,
     ``modality`` (default: the speech modality).
     """
 
@@ -339,6 +347,8 @@ class SpeechLMObjective:
         self.ctc_negatives = int(ex.get("ctc_negatives", 0))
         self.spec_augment = dict(ex.get("spec_augment") or {})
         self.ctc_bucket = max(1, int(ex.get("ctc_bucket", 1)))
+        self.phone_weight = float(ex.get("phone_ctc", 0) or 0)
+        self.phone_voice = str(ex.get("phone_voice", "en-us"))
         self._group: tuple[int, list] | None = None  # (group, its batches of (sample, ctc) pairs)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         weight = model.llm.get_input_embeddings().weight
@@ -353,6 +363,11 @@ class SpeechLMObjective:
             self.blank_id = _one_token(tokenizer(blank, add_special_tokens=False)["input_ids"],
                                        f"extra.ctc_blank {blank!r}")
             self.modules = nn.ModuleDict()
+        if self.phone_weight:
+            from mm.sources.espeak import ENGLISH_PHONEMES, OTHER_PHONEME
+
+            self.phone_ids = {p: i + 1 for i, p in enumerate(ENGLISH_PHONEMES + (OTHER_PHONEME,))}  # 0 = blank
+            self.modules["phone_head"] = nn.Linear(model.modalities[self.name].encoder.dim, len(self.phone_ids) + 1)
         self._make_sample = partial(make_sample, model=model, types=types, tokenizer=tokenizer,
                                     preprocess=cfg.data.preprocess)
         self.stream = SampleStream.from_config(cfg, types, self._make)
@@ -362,8 +377,15 @@ class SpeechLMObjective:
         ctc = None
         said = rec.get("text") if rec.get("task") == "asr" else rec.get("spoken") if self.ctc_questions else None
         if said and sample.media.get(self.name):
-            ctc = [t for t in self.tokenizer(" " + said.strip(), add_special_tokens=False)["input_ids"]
-                   if t != self.blank_id]
+            tokens = [t for t in self.tokenizer(" " + said.strip(), add_special_tokens=False)["input_ids"]
+                      if t != self.blank_id]
+            phones = None
+            if self.phone_weight:
+                from mm.sources.espeak import OTHER_PHONEME, phonemes
+
+                other = self.phone_ids[OTHER_PHONEME]
+                phones = [self.phone_ids.get(p, other) for p in phonemes(said.strip(), rec.get("voice") or self.phone_voice)]
+            ctc = _Said(tokens, phones) if tokens else None
         return sample, ctc
 
     def batch(self, step: int):
@@ -431,9 +453,9 @@ class SpeechLMObjective:
             device = next(mod.parameters()).device
             feats, fmask = mod.encode({k: v.to(device) for k, v in b.items()})
             frames, fmask2 = mod.adapter(feats, fmask)  # (b, m2, d), (b, m2)
-            ctc, align = self._ctc(frames, fmask2.sum(-1), ctc_targets, negatives)
-            return ctc + align_weight * align, {"samples": len(ctc_targets), "ctc_loss": round(ctc.item(), 4),
-                                                     "align_loss": round(align.item(), 4)}
+            ctc, align = self._ctc(frames, fmask2.sum(-1), [c.tokens for c in ctc_targets], negatives)
+            info = {"samples": len(ctc_targets), "ctc_loss": round(ctc.item(), 4), "align_loss": round(align.item(), 4)}
+            return ctc + align_weight * align + self._phone_loss(feats, fmask, ctc_targets, info), info
         h, _, p, (_, tokens) = model.run(b.input_ids, b.attention_mask, media=b.media)
         target = b.labels[:, p + 1:]
         sel = target != -100
@@ -444,16 +466,37 @@ class SpeechLMObjective:
         if not self.ctc_weight or not rows or self.name not in tokens:
             return lm, info
         emb, emask, mi, _ = tokens[self.name]  # (b, n, m2 + 2, d): [begin, frames..., end]
+        said = [ctc_targets[i] for i in rows]
+        first = [r * mi.valid.shape[1] for r in rows]  # each row's first item (one item per sample here)
+        feats = fmask = None
         if mod.readout_blank is None:
             frames, lengths = emb[rows, 0, 1:-1], emask[rows, 0].sum(-1) - 2
         else:  # the LLM saw the frames read out as tokens: the CTC loss needs them as they were
-            feats, fmask = mod.encode(mi.inputs)  # (b*n, m, e): one item per sample here
-            first = [r * mi.valid.shape[1] for r in rows]  # each row's first item
-            frames, fmask2 = mod.adapter(feats[first], fmask[first])
+            feats, fmask = mod.encode(mi.inputs)  # (b*n, m, e)
+            feats, fmask = feats[first], fmask[first]
+            frames, fmask2 = mod.adapter(feats, fmask)
             lengths = fmask2.sum(-1)
-        ctc, align = self._ctc(frames, lengths, [ctc_targets[i] for i in rows], negatives)
+        ctc, align = self._ctc(frames, lengths, [c.tokens for c in said], negatives)
         info.update(ctc_loss=round(ctc.item(), 4), align_loss=round(align.item(), 4))
-        return lm + self.ctc_weight * (ctc + align_weight * align), info
+        if self.phone_weight and feats is None:  # the encoder's frames, as in the read-out's case
+            feats, fmask = mod.encode(mi.inputs)
+            feats, fmask = feats[first], fmask[first]
+        phone = self._phone_loss(feats, fmask, said, info) if self.phone_weight else 0.0
+        return lm + self.ctc_weight * (ctc + align_weight * align + phone), info
+
+    def _phone_loss(self, feats: torch.Tensor, fmask: torch.Tensor, said: list, info: dict) -> torch.Tensor | float:
+        """``phone_ctc`` x the phoneme CTC loss of the encoder's frames (r, m, e) with valid
+        ``fmask`` (r, m) against each row's phonemes (0.0 when off); logged as ``phone_loss``."""
+        import torch.nn.functional as F
+
+        if not self.phone_weight:
+            return 0.0
+        logp = self.modules["phone_head"](feats.float()).log_softmax(-1)  # (r, m, P + 1)
+        tgt = [torch.tensor(s.phones, dtype=torch.long) for s in said]
+        loss = F.ctc_loss(logp.transpose(0, 1), torch.cat(tgt), fmask.sum(-1).cpu(),
+                          torch.tensor([len(t) for t in tgt]), blank=0, zero_infinity=True)
+        info["phone_loss"] = round(loss.item(), 4)
+        return self.phone_weight * loss
 
     def _ctc(self, frames: torch.Tensor, lengths: torch.Tensor, targets: list[list[int]],
              negatives: list[int] = ()) -> tuple[torch.Tensor, torch.Tensor]:
@@ -512,6 +555,12 @@ class SpeechLMObjective:
         dist = torch.cat([(frames[i, :n] - kept_classes[lab.to(frames.device)]).pow(2).sum(-1)
                           for i, n, lab in align])
         return ctc, dist.mean() / self.scale
+
+
+class _Said(NamedTuple):
+    """What a training utterance says, as CTC targets."""
+    tokens: list[int]  # the LLM's tokens of the transcript (the blank's token left out)
+    phones: list[int] | None  # its phonemes' classes (``phone_ctc``), else None
 
 
 class _Vector(nn.Module):

@@ -20,6 +20,7 @@ Voices are "<language>+<variant>" names (e.g. "en+f3", "en-us+m2"). `TRAIN_VOICE
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import threading
 import zlib
@@ -93,12 +94,16 @@ class _Engine:
             self.chunks.append(ctypes.string_at(wav, num_samples * 2))
         return 0  # continue
 
-    def speak(self, text: str, voice: str, rate: int, pitch: int) -> np.ndarray:
+    def _use_voice(self, voice: str) -> None:
         name = voice.encode()
         if name != self.voice:
+            self.voice = None  # a refused name may leave eSpeak without the voice set before
             if self.lib.espeak_SetVoiceByName(name) != _EE_OK:
                 raise ValueError(f"unknown eSpeak voice {voice!r} (e.g. {', '.join(VOICES[:4])})")
             self.voice = name
+
+    def speak(self, text: str, voice: str, rate: int, pitch: int) -> np.ndarray:
+        self._use_voice(voice)
         self.lib.espeak_SetParameter(_PARAM_RATE, rate, 0)
         self.lib.espeak_SetParameter(_PARAM_PITCH, pitch, 0)
         data = text.encode("utf-8")
@@ -113,6 +118,22 @@ class _Engine:
         pcm = np.frombuffer(b"".join(self.chunks), dtype=np.int16)
         self.chunks = []
         return pcm.astype(np.float32) / 32768.0
+
+    def phonemes(self, text: str, voice: str) -> str:
+        """eSpeak's phoneme mnemonics for ``text`` in ``voice``'s language: words separated by
+        spaces, phonemes within a word by "_" (no audio is made)."""
+        if not hasattr(self, "_to_phonemes"):
+            fn = self.lib.espeak_TextToPhonemes
+            fn.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_int, ctypes.c_int]
+            fn.restype = ctypes.c_char_p
+            self._to_phonemes = fn
+        self._use_voice(voice)
+        buf = ctypes.create_string_buffer(text.encode("utf-8"))
+        at = ctypes.c_void_p(ctypes.addressof(buf))
+        parts = []
+        while at.value:  # one clause a call; the pointer moves on (NULL at the end)
+            parts.append(self._to_phonemes(ctypes.byref(at), _CHARS_UTF8, ord("_") << 8).decode())
+        return " ".join(parts)
 
 
 _lock = threading.Lock()
@@ -134,6 +155,37 @@ def sample_rate() -> int:
         if _engine is None:
             _engine = _Engine()
         return _engine.sample_rate
+
+
+# The phonemes `phonemes` names: eSpeak NG's English mnemonics ("@" schwa, "aI" as in "my", "t#"
+# a flapped t), those it gave for the ~31,600 alphabetic words of SmolLM2's vocabulary in "en"
+# and "en-us", most frequent first; stress marks are dropped. Anything else is `OTHER_PHONEME`.
+ENGLISH_PHONEMES: tuple[str, ...] = (
+    "n", "s", "t", "I", "k", "r", "@", "l", "d", "E", "m", "p", "z", "a", "3", "eI", "I2", "b", "f", "0",
+    "i:", "aI", "N", "v", "oU", "i", "S", "V", "u:", "g", "@L", "dZ", "I#", "3:", "j", "w", "h", "a#", "t#",
+    "A@", "tS", "T", "o@", "aU", "O:", "O@", "i@", "aa", "U", "e@", "A:", "i@3", "OI", "U@", "D", "r-",
+    "aI@", "Z", "O2", "@-", "t2", "aI3", "?", "n-", "x", "O", "@2", "A~", "o")
+OTHER_PHONEME = "<other>"
+
+
+@functools.lru_cache(maxsize=65536)
+def phonemes(text: str, voice: str = "en-us") -> tuple[str, ...]:
+    """The phonemes eSpeak NG says for ``text`` in ``voice`` (its language decides: "en" and
+    "en-us" differ, the variant does not), stress marks dropped, word boundaries not marked:
+    the targets of an auxiliary phoneme CTC loss (``extra.phone_ctc`` of the ``speech_lm``
+    objective). Deterministic and cheap (~30 us a word); no audio is made."""
+    global _engine
+    with _lock:
+        if _engine is None:
+            _engine = _Engine()
+        said = _engine.phonemes(text, voice)
+    out = []
+    for word in said.split():
+        for p in word.split("_"):
+            p = p.replace("'", "").replace(",", "")  # primary and secondary stress
+            if p and p not in (";", "|", "!"):  # eSpeak's markers, not phonemes
+                out.append(p)
+    return tuple(out)
 
 
 def synthesize(text: str, voice: str = "en+m1", rate: int = 175, pitch: int = 50) -> tuple[np.ndarray, int]:

@@ -93,3 +93,17 @@ def test_the_same_requests_give_the_same_audio_in_every_run():
                                    timeout=120))
     assert all(r.returncode == 0 for r in runs), runs[0].stderr[-500:]
     assert runs[0].stdout.strip() == runs[1].stdout.strip() != ""
+
+
+def test_phonemes_follow_the_voice_language_and_are_known():
+    from mm.sources.espeak import ENGLISH_PHONEMES, phonemes
+
+    uk, us = phonemes("What is the capital of Thailand?", "en+m1"), phonemes("What is the capital of Thailand?", "en-us+f3")
+    assert uk[-6:] == us[-6:] == ("t", "aI", "l", "@", "n", "d")  # no stress marks, no word breaks
+    assert uk != us and "t#" in us and "t#" not in uk  # the American flap in "capital"
+    assert phonemes("What is the capital of Thailand?", "en+f2") == uk  # the variant does not matter
+    words = "the quick brown fox jumps over the lazy dog while seven zebras whistle a cheerful tune"
+    assert set(phonemes(words, "en")) | set(phonemes(words, "en-us")) <= set(ENGLISH_PHONEMES)
+    assert phonemes("Hello, world.", "en-us") == ("h", "@", "l", "oU", "w", "3:", "l", "d")  # every clause
+    with pytest.raises(ValueError, match="unknown eSpeak voice"):
+        phonemes("hello", "xx+nothing")

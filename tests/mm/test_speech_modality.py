@@ -408,6 +408,42 @@ def test_ctc_buckets_hold_the_same_samples_with_less_padding_and_augment_is_per_
     assert len(recs) == 24
 
 
+def test_phone_ctc_adds_a_phoneme_loss_on_the_encoder_frames(tmp_path, llm_dir):
+    from mm.objectives import get_objective
+    from mm.runs import build_model
+    from mm.sources.espeak import phonemes
+
+    recs = espeak_records(n=8, texts="sentences", voices="train", seed=7, dir=str(tmp_path / "asr"))
+    manifest = tmp_path / "asr" / "records.jsonl"
+    voiceless = tmp_path / "voiceless.jsonl"  # a manifest of one's own: no voice, phone_voice's phonemes
+    voiceless.write_text("".join(json.dumps({"audio": str(tmp_path / "asr" / r["audio"]), "text": r["text"],
+                                             "task": "asr"}) + "\n" for r in recs))
+    src = [{"type": "manifest", "path": str(manifest)}, {"type": "manifest", "path": str(voiceless)}]
+    over = {"extra.ctc_only_steps": 2, "extra.ctc_batch_size": 4}
+    model, llm, types = build_model(stage_config("speech_adapter", llm_dir, tmp_path / "x", src, **over).model)
+
+    def objective(**more):
+        cfg = stage_config("speech_adapter", llm_dir, tmp_path / "x", src, **over, **more)
+        return get_objective("speech_lm")(cfg, model, types, llm.tokenizer)
+
+    plain, phone = objective(**{"extra.phone_ctc": 0}), objective(**{"extra.phone_ctc": 0.5, "extra.phone_voice": "en"})
+    assert "phone_head" in phone.modules and "phone_head" not in plain.modules  # trained and saved with the run
+    rec = dict(recs[0], audio=str(tmp_path / "asr" / recs[0]["audio"]))
+    said = phone._make(rec)[1]
+    assert said.phones == [phone.phone_ids[p] for p in phonemes(rec["text"], rec["voice"])]
+    assert said.tokens == plain._make(rec)[1].tokens and plain._make(rec)[1].phones is None
+    no_voice = phone._make({k: v for k, v in rec.items() if k != "voice"})[1]
+    assert no_voice.phones == [phone.phone_ids[p] for p in phonemes(rec["text"], "en")]
+    for step in (0, 2):  # a CTC-only step, then an LM step: the phoneme loss is added to the same loss
+        a, info_a = plain.loss(plain.batch(step))
+        b, info_b = phone.loss(phone.batch(step))
+        assert "phone_loss" not in info_a and info_b["phone_loss"] > 0
+        scale = 1.0 if step == 0 else phone.ctc_weight
+        torch.testing.assert_close(b, a + scale * 0.5 * info_b["phone_loss"], rtol=1e-3, atol=1e-3)
+    head = phone.modules["phone_head"].weight
+    assert torch.autograd.grad(phone.loss(phone.batch(0))[0], head)[0].abs().sum() > 0
+
+
 def test_ctc_on_the_targets_columns_is_the_full_vocabulary_ctc(tmp_path, llm_dir):
     """_ctc runs CTC on blank + the targets' columns + one for the rest of each frame's
     probability; loss, alignment loss and gradients equal a plain CTC over every class."""
