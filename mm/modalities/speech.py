@@ -481,8 +481,7 @@ class SpeechLMObjective:
         if self.phone_weight and feats is None:  # the encoder's frames, as in the read-out's case
             feats, fmask = mod.encode(mi.inputs)
             feats, fmask = feats[first], fmask[first]
-        phone = self._phone_loss(feats, fmask, said, info) if self.phone_weight else 0.0
-        return lm + self.ctc_weight * (ctc + align_weight * align + phone), info
+        return lm + self.ctc_weight * (ctc + align_weight * align + self._phone_loss(feats, fmask, said, info)), info
 
     def _phone_loss(self, feats: torch.Tensor, fmask: torch.Tensor, said: list, info: dict) -> torch.Tensor | float:
         """``phone_ctc`` x the phoneme CTC loss of the encoder's frames (r, m, e) with valid

@@ -173,7 +173,7 @@ def phonemes(text: str, voice: str = "en-us") -> tuple[str, ...]:
     """The phonemes eSpeak NG says for ``text`` in ``voice`` (its language decides: "en" and
     "en-us" differ, the variant does not), stress marks dropped, word boundaries not marked:
     the targets of an auxiliary phoneme CTC loss (``extra.phone_ctc`` of the ``speech_lm``
-    objective). Deterministic and cheap (~30 us a word); no audio is made."""
+    objective). Deterministic and cheap (~20 us a word); no audio is made."""
     global _engine
     with _lock:
         if _engine is None:
