@@ -12,7 +12,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from mm.config import RunConfig
+from mm.config import ConfigError, RunConfig
 from mm.data import SampleStream, collate, make_sample
 
 
@@ -60,6 +60,7 @@ class ContrastiveObjective:
         import open_clip
         from open_clip.model import CLIPTextCfg, _build_text_tower
 
+        check_extra(cfg, ("modality", "embed_dim", "text_width", "text_layers", "context_length"), "contrastive")
         self.cfg = cfg
         ex = cfg.extra
         self.name = ex.get("modality", "image")
@@ -122,6 +123,16 @@ class ContrastiveObjective:
         with torch.no_grad():
             acc = ((img @ txt.T).argmax(-1) == torch.arange(len(img))).float().mean().item()
         return loss, {"samples": len(img), "retrieval_acc": acc}
+
+
+def check_extra(cfg: RunConfig, known, objective: str) -> None:
+    """The stage's ``extra`` options must be ones ``objective`` reads: a misspelt option
+    (``phone_ctcc: 1.0``) would otherwise be ignored without a word. Objectives that read
+    ``extra`` call this first; ``lm`` reads none and leaves it free for the user's notes."""
+    unknown = sorted(set(cfg.extra) - set(known))
+    if unknown:
+        raise ConfigError(f"extra: unknown option {', '.join(map(repr, unknown))} for the {objective} objective "
+                          f"(known: {', '.join(sorted(known))})")
 
 
 class _Scalar(nn.Module):

@@ -236,6 +236,7 @@ class BestRqObjective:
     (``modules``); the frozen quantiser is rebuilt from its seed.
     """
 
+    SIZES = ("num_codebooks", "codebook_size", "code_dim", "mask_prob", "mask_span", "noise_std")
     PRESETS = {
         "tiny": dict(num_codebooks=4, codebook_size=256, code_dim=16, mask_prob=0.04, mask_span=10),
         "llama3": dict(num_codebooks=16, codebook_size=8192, code_dim=16, mask_prob=0.025, mask_span=32),
@@ -244,13 +245,15 @@ class BestRqObjective:
     def __init__(self, cfg, model, types: dict, tokenizer=None):
         from mm.data import SampleStream
 
+        from mm.objectives import check_extra
+
+        check_extra(cfg, ("modality", "preset", "quantizer_seed") + self.SIZES, "best_rq")
         ex = dict(cfg.extra)
         self.cfg = cfg
         self.name = ex.pop("modality", None) or speech_modality_name(types)
         self.type, self.mod = types[self.name], model.modalities[self.name]
         sizes = dict(self.PRESETS[ex.pop("preset", "tiny")])
-        sizes.update({k: ex[k] for k in ("num_codebooks", "codebook_size", "code_dim", "mask_prob",
-                                         "mask_span", "noise_std") if k in ex})
+        sizes.update({k: ex[k] for k in self.SIZES if k in ex})
         self.best_rq = best_rq(encoder=self.mod.encoder, seed=int(ex.get("quantizer_seed", 0)), **sizes)
         self.modules = nn.ModuleDict({"heads": self.best_rq.heads})
         self.preprocess = cfg.data.preprocess.get(self.name, {})
@@ -335,7 +338,10 @@ class SpeechLMObjective:
         from functools import partial
 
         from mm.data import SampleStream, make_sample
+        from mm.objectives import check_extra
 
+        check_extra(cfg, ("ctc_weight", "align_weight", "ctc_only_steps", "ctc_blank", "ctc_batch_size", "ctc_questions",
+                          "ctc_negatives", "ctc_bucket", "spec_augment", "phone_ctc", "phone_voice", "modality"), "speech_lm")
         ex = cfg.extra
         self.cfg, self.model, self.types, self.tokenizer = cfg, model, types, tokenizer
         self.name = ex.get("modality") or speech_modality_name(types)

@@ -444,6 +444,21 @@ def test_phone_ctc_adds_a_phoneme_loss_on_the_encoder_frames(tmp_path, llm_dir):
     assert torch.autograd.grad(phone.loss(phone.batch(0))[0], head)[0].abs().sum() > 0
 
 
+def test_a_misspelt_extra_option_is_an_error_not_ignored(tmp_path, llm_dir):
+    from mm.config import ConfigError
+    from mm.objectives import get_objective
+    from mm.runs import build_model
+
+    espeak_records(n=2, texts="sentences", voices="train", seed=8, dir=str(tmp_path / "asr"))
+    src = [{"type": "manifest", "path": str(tmp_path / "asr" / "records.jsonl")}]
+    for stage, objective, typo in (("speech_adapter", "speech_lm", "phone_ctcc"),
+                                   ("speech_encoder_pretrain", "best_rq", "mask_spam")):
+        cfg = stage_config(stage, llm_dir, tmp_path / "x", src, **{f"extra.{typo}": 1})
+        model, llm, types = build_model(cfg.model)
+        with pytest.raises(ConfigError, match=rf"extra: unknown option '{typo}' for the {objective} objective \(known: .*"):
+            get_objective(objective)(cfg, model, types, llm.tokenizer)
+
+
 def test_ctc_on_the_targets_columns_is_the_full_vocabulary_ctc(tmp_path, llm_dir):
     """_ctc runs CTC on blank + the targets' columns + one for the rest of each frame's
     probability; loss, alignment loss and gradients equal a plain CTC over every class."""

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mm.checkpoint import CheckpointError, load_tensors
-from mm.config import load_config
+from mm.config import ConfigError, load_config
 from mm.runs import load_run
 from mm.train import train
 
@@ -132,6 +132,9 @@ def test_contrastive_stage_runs(tmp_path, tiny_llm_dir, image_manifest):
         "model.modalities.image.adapter={every: 2}"])
     out = train(cfg, progress=False)
     assert (out / "model" / "modalities.safetensors").exists()
+    cfg.extra["text_widht"] = 64  # misspelt: an error naming it, not a silent default
+    with pytest.raises(ConfigError, match="extra: unknown option 'text_widht' for the contrastive objective"):
+        train(cfg, progress=False)
 
 
 def test_activation_checkpointing_gives_the_same_losses(tmp_path, tiny_llm_dir, image_manifest):
