@@ -244,7 +244,6 @@ class BestRqObjective:
 
     def __init__(self, cfg, model, types: dict, tokenizer=None):
         from mm.data import SampleStream
-
         from mm.objectives import check_extra
 
         check_extra(cfg, ("modality", "preset", "quantizer_seed") + self.SIZES, "best_rq")
@@ -373,6 +372,7 @@ class SpeechLMObjective:
             from mm.sources.espeak import ENGLISH_PHONEMES, OTHER_PHONEME
 
             self.phone_ids = {p: i + 1 for i, p in enumerate(ENGLISH_PHONEMES + (OTHER_PHONEME,))}  # 0 = blank
+            self.phone_other = self.phone_ids[OTHER_PHONEME]
             self.modules["phone_head"] = nn.Linear(model.modalities[self.name].encoder.dim, len(self.phone_ids) + 1)
         self._make_sample = partial(make_sample, model=model, types=types, tokenizer=tokenizer,
                                     preprocess=cfg.data.preprocess)
@@ -387,10 +387,10 @@ class SpeechLMObjective:
                       if t != self.blank_id]
             phones = None
             if self.phone_weight:
-                from mm.sources.espeak import OTHER_PHONEME, phonemes
+                from mm.sources.espeak import phonemes
 
-                other = self.phone_ids[OTHER_PHONEME]
-                phones = [self.phone_ids.get(p, other) for p in phonemes(said.strip(), rec.get("voice") or self.phone_voice)]
+                phones = [self.phone_ids.get(p, self.phone_other)
+                          for p in phonemes(said.strip(), rec.get("voice") or self.phone_voice)]
             ctc = _Said(tokens, phones) if tokens else None
         return sample, ctc
 
@@ -475,18 +475,18 @@ class SpeechLMObjective:
         said = [ctc_targets[i] for i in rows]
         first = [r * mi.valid.shape[1] for r in rows]  # each row's first item (one item per sample here)
         feats = fmask = None
-        if mod.readout_blank is None:
-            frames, lengths = emb[rows, 0, 1:-1], emask[rows, 0].sum(-1) - 2
-        else:  # the LLM saw the frames read out as tokens: the CTC loss needs them as they were
+        # the encoder's frames: for the phoneme loss, and for the token CTC loss when the LLM saw
+        # the frames read out as tokens (the CTC loss needs them as they were)
+        if mod.readout_blank is not None or self.phone_weight:
             feats, fmask = mod.encode(mi.inputs)  # (b*n, m, e)
             feats, fmask = feats[first], fmask[first]
+        if mod.readout_blank is None:
+            frames, lengths = emb[rows, 0, 1:-1], emask[rows, 0].sum(-1) - 2
+        else:
             frames, fmask2 = mod.adapter(feats, fmask)
             lengths = fmask2.sum(-1)
         ctc, align = self._ctc(frames, lengths, [c.tokens for c in said], negatives)
         info.update(ctc_loss=round(ctc.item(), 4), align_loss=round(align.item(), 4))
-        if self.phone_weight and feats is None:  # the encoder's frames, as in the read-out's case
-            feats, fmask = mod.encode(mi.inputs)
-            feats, fmask = feats[first], fmask[first]
         return lm + self.ctc_weight * (ctc + align_weight * align + self._phone_loss(feats, fmask, said, info)), info
 
     def _phone_loss(self, feats: torch.Tensor, fmask: torch.Tensor, said: list, info: dict) -> torch.Tensor | float:

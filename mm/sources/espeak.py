@@ -77,6 +77,10 @@ class _Engine:
         self._seed_espeak = getattr(lib, "espeak_ng_SetRandSeed", None)  # older libraries lack it
         if self._seed_espeak is not None:
             self._seed_espeak.argtypes, self._seed_espeak.restype = [ctypes.c_long], None
+        self._to_phonemes = getattr(lib, "espeak_TextToPhonemes", None)  # older libraries lack it
+        if self._to_phonemes is not None:
+            self._to_phonemes.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_int, ctypes.c_int]
+            self._to_phonemes.restype = ctypes.c_char_p
         self._libc_srand = ctypes.CDLL(None).srand  # the noise sources also call rand()
         self._libc_srand.argtypes, self._libc_srand.restype = [ctypes.c_uint], None
         data_path = espeakng_loader.get_data_path().encode()
@@ -122,11 +126,8 @@ class _Engine:
     def phonemes(self, text: str, voice: str) -> str:
         """eSpeak's phoneme mnemonics for ``text`` in ``voice``'s language: words separated by
         spaces, phonemes within a word by "_" (no audio is made)."""
-        if not hasattr(self, "_to_phonemes"):
-            fn = self.lib.espeak_TextToPhonemes
-            fn.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_int, ctypes.c_int]
-            fn.restype = ctypes.c_char_p
-            self._to_phonemes = fn
+        if self._to_phonemes is None:
+            raise EspeakError("this eSpeak NG library has no espeak_TextToPhonemes (phonemes need 1.49 or later)")
         self._use_voice(voice)
         buf = ctypes.create_string_buffer(text.encode("utf-8"))
         at = ctypes.c_void_p(ctypes.addressof(buf))
