@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
@@ -97,6 +97,9 @@ class RunConfig:
     device: str | None = None             # cpu, cuda, cuda:1 ...; default: cuda if available
     distributed: DistConfig = field(default_factory=DistConfig)
     extra: dict[str, Any] = field(default_factory=dict)  # objective-specific options
+    # where the config was read from, for the errors of checks made later (an objective's
+    # ``extra`` options); a class default, not a field, so it is never saved or merged
+    origin: ClassVar[str] = "config"
 
 
 def _merge(dc_type, base, data: dict, where: str):
@@ -206,7 +209,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
         where = str(path)
         data = _read_yaml(path)
     data = apply_overrides(data, list(overrides))
-    return _merge(RunConfig, RunConfig(), data, where)
+    cfg = _merge(RunConfig, RunConfig(), data, where)
+    cfg.origin = where
+    return cfg
 
 
 def to_dict(cfg) -> dict:

@@ -455,7 +455,8 @@ def test_a_misspelt_extra_option_is_an_error_not_ignored(tmp_path, llm_dir):
                                    ("speech_encoder_pretrain", "best_rq", "mask_spam")):
         cfg = stage_config(stage, llm_dir, tmp_path / "x", src, **{f"extra.{typo}": 1})
         model, llm, types = build_model(cfg.model)
-        with pytest.raises(ConfigError, match=rf"extra: unknown option '{typo}' for the {objective} objective \(known: .*"):
+        with pytest.raises(ConfigError, match=rf"{stage}\.yaml: extra: unknown option '{typo}' for the {objective} "
+                                              r"objective \(known: .*"):
             get_objective(objective)(cfg, model, types, llm.tokenizer)
 
 

@@ -133,7 +133,8 @@ def test_contrastive_stage_runs(tmp_path, tiny_llm_dir, image_manifest):
     out = train(cfg, progress=False)
     assert (out / "model" / "modalities.safetensors").exists()
     cfg.extra["text_widht"] = 64  # misspelt: an error naming it, not a silent default
-    with pytest.raises(ConfigError, match="extra: unknown option 'text_widht' for the contrastive objective"):
+    with pytest.raises(ConfigError, match=r"image_encoder_pretrain\.yaml: extra: unknown option 'text_widht' for "
+                                          r"the contrastive objective"):
         train(cfg, progress=False)
 
 
