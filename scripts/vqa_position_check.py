@@ -1,12 +1,14 @@
 """Can the image adapters learn to compare a question with the image? A check on easy-vqa's
 held-out ``val`` images (never its test split).
 
-Trains ``--steps`` steps of the anneal stage's settings on "is there a {colour} shape?" alone
-(half "yes", half "no", ``fit`` images) from an image run, once with the image after the
-question (the default prompt) and once with it in front (``media: before``), then scores
-yes and no separately on ``val``:
+Trains ``--steps`` steps of the anneal stage's settings, cross-attention included, on "is
+there a {colour} shape?" alone (half "yes", half "no", ``fit`` images) from an image run, once
+for each ``--where``: ``after`` the question (the end of the user's turn), ``answer`` (the
+demo's placement: from the assistant header's last token on) or ``before`` it (``media:
+before``), then scores yes and no separately on ``val``:
 
     python3 scripts/vqa_position_check.py --init RUN/image/image_anneal --out /tmp/vqa_check
+    python3 scripts/vqa_position_check.py --init RUN/image/image_anneal --out /tmp/vqa_check --where answer
 
 For a clean check, ``--init`` should be a run whose stages used ``split: fit`` (the demo's
 own run has seen the ``val`` images in training).
@@ -39,24 +41,30 @@ def write_manifest(split: str, path: Path) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
+# --where: (the manifest's media key, the modality's placement)
+PLACES = {"after": ("after", "after_question"), "answer": ("after", "before_answer"),
+          "before": ("before", "after_question")}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--init", required=True, help="an image run (e.g. RUN/image/image_anneal)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--n", type=int, default=256, help="val questions scored")
+    ap.add_argument("--where", nargs="+", choices=sorted(PLACES), default=["after", "before"],
+                    help="where the image is seen from")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     for split in ("fit", "val"):
         write_manifest(split, out / f"{split}.jsonl")
-    for media in ("after", "before"):
+    for where in a.where:
+        media, placement = PLACES[where]
         cfg = demo_config("image_anneal",
-                          [f"out={out / media}", f"init_from={a.init}", f"optim.steps={a.steps}",
+                          [f"out={out / where}", f"init_from={a.init}", f"optim.steps={a.steps}",
                            f"optim.warmup_steps={min(5, a.steps)}",
-                           # the settings it was run with: 1e-3, and "after" is the end of the
-                           # question inside the user turn (not the demo's placement)
-                           "optim.lr=1e-3", "model.modalities.image.adapter.placement=after_question"])
+                           "optim.lr=1e-3", f"model.modalities.image.adapter.placement={placement}"])
         cfg.trainable = [*cfg.trainable, "image.xattn"]  # trained here; the demo's anneal keeps it frozen
         cfg.data.sources = [{"type": "manifest", "path": str(out / "fit.jsonl"), "media": media}]
         model, llm, types, run_cfg = load_run(train(cfg, progress=False))
@@ -65,7 +73,7 @@ def main() -> None:
                                preprocess=run_cfg.data.preprocess, max_new_tokens=3)
         for answer in ("yes", "no"):
             hits = [exact_match(p, r["text"]) for p, r in zip(preds, recs) if r["text"] == answer]
-            print(f"image {media} the question: val '{answer}' right {sum(hits)}/{len(hits)}", flush=True)
+            print(f"image seen {where}: val '{answer}' right {sum(hits)}/{len(hits)}", flush=True)
 
 
 if __name__ == "__main__":
