@@ -18,6 +18,7 @@ Notation: b=batch, n=fbank frames (10 ms), m=encoder frames (40 ms), m2=adapter 
 
 from __future__ import annotations
 
+import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,8 @@ from encoders.speech import speech_encoder, speech_encoder_llama3, speech_encode
 from encoders.speech_features import num_stacked_frames
 from mm.modality import Modality
 from mm.modalities.base import LLMShape, ModalityType
+
+log = logging.getLogger("mm")
 
 WINDOW_SECONDS = 60.0  # longest segment the model takes at once (Llama 3: 60 s, 750 positions)
 ASR_PROMPT = "Repeat after me in {language}:\n"  # the speech follows on a line of its own
@@ -373,6 +376,7 @@ class SpeechLMObjective:
 
             self.phone_ids = {p: i + 1 for i, p in enumerate(ENGLISH_PHONEMES + (OTHER_PHONEME,))}  # 0 = blank
             self.phone_other = self.phone_ids[OTHER_PHONEME]
+            self.phone_counts: dict[str, list[int]] = {}  # language -> [phonemes, of them <other>]
             self.modules["phone_head"] = nn.Linear(model.modalities[self.name].encoder.dim, len(self.phone_ids) + 1)
         self._make_sample = partial(make_sample, model=model, types=types, tokenizer=tokenizer,
                                     preprocess=cfg.data.preprocess)
@@ -389,10 +393,26 @@ class SpeechLMObjective:
             if self.phone_weight:
                 from mm.sources.espeak import phonemes
 
-                phones = [self.phone_ids.get(p, self.phone_other)
-                          for p in phonemes(said.strip(), rec.get("voice") or self.phone_voice)]
+                voice = rec.get("voice") or self.phone_voice
+                phones = [self.phone_ids.get(p, self.phone_other) for p in phonemes(said.strip(), voice)]
+                self._count_phones(voice, phones)
             ctc = _Said(tokens, phones) if tokens else None
         return sample, ctc
+
+    def _count_phones(self, voice: str, phones: list[int]) -> None:
+        """Warn once per language whose phonemes are mostly outside the English inventory: the
+        loss then sees them as one `<other>` class (English text has ~0-4%: eSpeak's pauses)."""
+        lang = voice.split("+")[0]
+        n = self.phone_counts.setdefault(lang, [0, 0])
+        if n[0] < 0:  # warned already
+            return
+        n[0] += len(phones)
+        n[1] += sum(p == self.phone_other for p in phones)
+        if n[0] >= 500 and n[1] > 0.1 * n[0]:
+            log.warning("extra.phone_ctc: %.0f%% of the phonemes of voice language %r are not in the English "
+                        "inventory (mm.sources.espeak.ENGLISH_PHONEMES); the phoneme loss sees them as one "
+                        "class", 100 * n[1] / n[0], lang)
+            n[0] = -1
 
     def batch(self, step: int):
         from mm.data import collate

@@ -3,6 +3,7 @@ batched == one-by-one transcription, chunking of long audio, both speech stages 
 bad input (one-line errors in inference, skip-and-count in training)."""
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -408,7 +409,7 @@ def test_ctc_buckets_hold_the_same_samples_with_less_padding_and_augment_is_per_
     assert len(recs) == 24
 
 
-def test_phone_ctc_adds_a_phoneme_loss_on_the_encoder_frames(tmp_path, llm_dir):
+def test_phone_ctc_adds_a_phoneme_loss_on_the_encoder_frames(tmp_path, llm_dir, caplog):
     from mm.objectives import get_objective
     from mm.runs import build_model
     from mm.sources.espeak import phonemes
@@ -442,6 +443,14 @@ def test_phone_ctc_adds_a_phoneme_loss_on_the_encoder_frames(tmp_path, llm_dir):
         torch.testing.assert_close(b, a + scale * 0.5 * info_b["phone_loss"], rtol=1e-3, atol=1e-3)
     head = phone.modules["phone_head"].weight
     assert torch.autograd.grad(phone.loss(phone.batch(0))[0], head)[0].abs().sum() > 0
+    # a language outside the English inventory is warned about, once; English is not
+    german = objective(**{"extra.phone_ctc": 0.5, "extra.phone_voice": "de"})
+    with caplog.at_level(logging.WARNING, logger="mm"):
+        for obj in (phone, german):
+            for r in recs * 4:
+                obj._make({"audio": str(tmp_path / "asr" / r["audio"]), "text": r["text"], "task": "asr"})
+    warned = [r.getMessage() for r in caplog.records if "phone_ctc" in r.getMessage()]
+    assert len(warned) == 1 and "voice language 'de'" in warned[0], warned
 
 
 def test_a_misspelt_extra_option_is_an_error_not_ignored(tmp_path, llm_dir):
