@@ -401,7 +401,7 @@ class SpeechLMObjective:
 
     def _count_phones(self, voice: str, phones: list[int]) -> None:
         """Warn once per language whose phonemes are mostly outside the English inventory: the
-        loss then sees them as one `<other>` class (English text has ~0-4%: eSpeak's pauses)."""
+        loss then sees them as one `<other>` class (English text has none)."""
         lang = voice.split("+")[0]
         n = self.phone_counts.setdefault(lang, [0, 0])
         if n[0] < 0:  # warned already

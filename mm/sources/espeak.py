@@ -184,7 +184,9 @@ def phonemes(text: str, voice: str = "en-us") -> tuple[str, ...]:
     for word in said.split():
         for p in word.split("_"):
             p = p.replace("'", "").replace(",", "")  # primary and secondary stress
-            if p and p not in (";", "|", "!"):  # eSpeak's markers, not phonemes
+            # eSpeak's markers, not phonemes; ":" is the short pause "_:" it puts in a long
+            # clause: silence, which the CTC blank covers
+            if p and p not in (";", "|", "!", ":"):
                 out.append(p)
     return tuple(out)
 

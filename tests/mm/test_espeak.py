@@ -105,5 +105,8 @@ def test_phonemes_follow_the_voice_language_and_are_known():
     words = "the quick brown fox jumps over the lazy dog while seven zebras whistle a cheerful tune"
     assert set(phonemes(words, "en")) | set(phonemes(words, "en-us")) <= set(ENGLISH_PHONEMES)
     assert phonemes("Hello, world.", "en-us") == ("h", "@", "l", "oU", "w", "3:", "l", "d")  # every clause
+    # the pauses eSpeak puts inside a long clause ("d0g__:__: and") are not phonemes
+    long = "the quick brown fox jumped over the lazy dog and went home to sleep for a very long time"
+    assert set(phonemes(long, "en-us")) <= set(ENGLISH_PHONEMES) and ":" not in phonemes(long, "en")
     with pytest.raises(ValueError, match="unknown eSpeak voice"):
         phonemes("hello", "xx+nothing")
