@@ -24,8 +24,9 @@ def _train(out, nproc, steps, tiny_llm_dir, manifest):
     if nproc == 1:
         cmd = [sys.executable, "-m", "mm.cli", "train", *args]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_port", str(29500 + os.getpid() % 1000), "-m", "mm.cli", "train", *args]
+        # --standalone: a rendezvous on a free local port (a fixed one can be taken or linger)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+               "-m", "mm.cli", "train", *args]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
