@@ -131,8 +131,8 @@ def check_extra(cfg: RunConfig, known, objective: str) -> None:
     ``extra`` call this first; ``lm`` reads none and leaves it free for the user's notes."""
     unknown = sorted(set(cfg.extra) - set(known))
     if unknown:
-        raise ConfigError(f"{cfg.origin}: extra: unknown option {', '.join(map(repr, unknown))} for the {objective} objective "
-                          f"(known: {', '.join(sorted(known))})")
+        raise ConfigError(f"{cfg.origin}: extra: unknown option {', '.join(map(repr, unknown))} for the "
+                          f"{objective} objective (known: {', '.join(sorted(known))})")
 
 
 class _Scalar(nn.Module):

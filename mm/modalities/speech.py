@@ -400,8 +400,8 @@ class SpeechLMObjective:
         return sample, ctc
 
     def _count_phones(self, voice: str, phones: list[int]) -> None:
-        """Warn once per language whose phonemes are mostly outside the English inventory: the
-        loss then sees them as one `<other>` class (English text has none)."""
+        """Warn once per language with over 10% of its phonemes outside the English inventory
+        (after 500 of them): the loss sees those as one `<other>` class (English text has none)."""
         lang = voice.split("+")[0]
         n = self.phone_counts.setdefault(lang, [0, 0])
         if n[0] < 0:  # warned already
