@@ -7,6 +7,7 @@ into the run directory, so a run is reproducible from its own ``config.yaml``.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -143,8 +144,29 @@ def _typed(v, default, where: str):
     return v
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's booleans: only true / false. PyYAML follows YAML
+    1.1, where a bare yes, no, on, off, y or n is a boolean too, so ``answers: [yes, no]``
+    filtered on True / False and kept nothing."""
+
+
+_BOOL = "tag:yaml.org,2002:bool"
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != _BOOL]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+
+def _yaml(text: str):
+    loader = _Loader(text)  # what yaml.load(text, Loader=_Loader) does; a SafeLoader, so no objects
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 def _parse_value(text: str):
-    return yaml.safe_load(text)
+    return _yaml(text)
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
@@ -177,7 +199,7 @@ def _read_yaml(path: Path, chain: tuple = ()) -> dict:
     if not path.exists():
         raise ConfigError(f"{path}: no such config file")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = _yaml(path.read_text(encoding="utf-8")) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict):

@@ -37,10 +37,6 @@ def captions(split: str) -> dict[int, str]:
     return {i: f"a {color[i]} {shape[i]}" for i in sorted(set(color) & set(shape))}
 
 
-def _answer(a) -> str:
-    return {True: "yes", False: "no"}[a] if isinstance(a, bool) else str(a)
-
-
 def records(split: str = "train", *, task: str = "caption", prompt: str = "Describe the image.",
             limit: int = 0, seed: int = 0, answers: list[str] | None = None) -> list[dict]:
     """Records for the data pipeline: ``task`` is ``caption`` or ``vqa``; ``answers`` keeps
@@ -54,8 +50,7 @@ def records(split: str = "train", *, task: str = "caption", prompt: str = "Descr
     else:
         raise ValueError(f"easy-vqa: task must be caption or vqa, not {task!r}")
     if answers is not None:
-        # "answers: yes" is one answer; YAML reads a bare yes / no as true / false
-        keep = {_answer(a) for a in ([answers] if isinstance(answers, (str, bool)) else answers)}
+        keep = {answers} if isinstance(answers, str) else set(answers)  # "answers: yes" is one answer
         out = [r for r in out if r["text"] in keep]
         if not out:
             raise ValueError(f"easy-vqa {split} {task}: answers {sorted(keep)} keep no record")

@@ -141,6 +141,7 @@ def test_audio_window_length_and_shape(tmp_path):
     ("data: {sources: manifest.jsonl}\n", "data.sources: expected a list"),
     ("checkpoint_every: 2.5\n", "checkpoint_every: expected a whole number"),
     ("optim: {schedule: linear}\n", "optim.schedule: expected one of cosine, constant, got 'linear'"),
+    ("compile: yes\n", "compile: expected true or false, got 'yes'"),  # YAML 1.2: only true / false
 ])
 def test_config_errors(tmp_path, text, problem):
     p = tmp_path / "c.yaml"
@@ -154,6 +155,12 @@ def test_config_numbers_written_like_1e_3_are_numbers(tmp_path):
     (tmp_path / "c.yaml").write_text("optim: {lr: 1e-3, weight_decay: 0}\n")  # YAML reads 1e-3 as text
     cfg = load_config(tmp_path / "c.yaml", ["optim.gate_lr_mult=3"])
     assert cfg.optim.lr == 0.001 and cfg.optim.weight_decay == 0.0 and cfg.optim.gate_lr_mult == 3.0
+
+
+def test_config_yes_and_no_are_text_true_and_false_booleans(tmp_path):
+    (tmp_path / "c.yaml").write_text("compile: true\nextra: {answers: [yes, no, on, off], flag: False}\n")
+    cfg = load_config(tmp_path / "c.yaml", ["extra.more=[n, y]"])
+    assert cfg.compile is True and cfg.extra == {"answers": ["yes", "no", "on", "off"], "flag": False, "more": ["n", "y"]}
 
 
 def test_unknown_names_list_the_choices(tiny_llm_dir):

@@ -140,10 +140,10 @@ def test_source_media_before_the_question_and_answer_filter():
     assert "<|mm:" not in after[0]["question"]
     with pytest.raises(DataError, match="media must be before or after"):
         load_source({**src, "media": "middle"}, types)
-    # YAML reads a bare [yes, no] as booleans: the same filter, not an empty source
+    # written in a config, a bare [yes, no] is text (YAML 1.1 would make it booleans), the same filter
     from mm.config import load_config
     cfg = load_config(None, ["data.sources=[{type: easy-vqa, split: val, task: vqa, answers: [yes, no], limit: 40}]"])
-    assert cfg.data.sources[0]["answers"] == [True, False]
+    assert cfg.data.sources[0]["answers"] == ["yes", "no"]
     assert load_source(cfg.data.sources[0], types) == after
     with pytest.raises(ValueError, match=r"easy-vqa val vqa: answers \['purple'\] keep no record"):
         load_source({**src, "answers": ["purple"]}, types)
