@@ -372,11 +372,13 @@ class SpeechLMObjective:
                                        f"extra.ctc_blank {blank!r}")
             self.modules = nn.ModuleDict()
         if self.phone_weight:
-            from mm.sources.espeak import ENGLISH_PHONEMES, OTHER_PHONEME
+            from mm.sources.espeak import ENGLISH_PHONEMES, OTHER_PHONEME, phonemes
 
+            self._phonemes = phonemes
             self.phone_ids = {p: i + 1 for i, p in enumerate(ENGLISH_PHONEMES + (OTHER_PHONEME,))}  # 0 = blank
             self.phone_other = self.phone_ids[OTHER_PHONEME]
             self.phone_counts: dict[str, list[int]] = {}  # language -> [phonemes, of them <other>]
+            self.phone_warned: set[str] = set()  # languages warned about
             self.modules["phone_head"] = nn.Linear(model.modalities[self.name].encoder.dim, len(self.phone_ids) + 1)
         self._make_sample = partial(make_sample, model=model, types=types, tokenizer=tokenizer,
                                     preprocess=cfg.data.preprocess)
@@ -391,10 +393,8 @@ class SpeechLMObjective:
                       if t != self.blank_id]
             phones = None
             if self.phone_weight:
-                from mm.sources.espeak import phonemes
-
                 voice = rec.get("voice") or self.phone_voice
-                phones = [self.phone_ids.get(p, self.phone_other) for p in phonemes(said.strip(), voice)]
+                phones = [self.phone_ids.get(p, self.phone_other) for p in self._phonemes(said.strip(), voice)]
                 self._count_phones(voice, phones)
             ctc = _Said(tokens, phones) if tokens else None
         return sample, ctc
@@ -403,16 +403,16 @@ class SpeechLMObjective:
         """Warn once per language with over 10% of its phonemes outside the English inventory
         (after 500 of them): the loss sees those as one `<other>` class (English text has none)."""
         lang = voice.split("+")[0]
-        n = self.phone_counts.setdefault(lang, [0, 0])
-        if n[0] < 0:  # warned already
+        if lang in self.phone_warned:
             return
+        n = self.phone_counts.setdefault(lang, [0, 0])
         n[0] += len(phones)
         n[1] += sum(p == self.phone_other for p in phones)
         if n[0] >= 500 and n[1] > 0.1 * n[0]:
             log.warning("extra.phone_ctc: %.0f%% of the phonemes of voice language %r are not in the English "
                         "inventory (mm.sources.espeak.ENGLISH_PHONEMES); the phoneme loss sees them as one "
                         "class", 100 * n[1] / n[0], lang)
-            n[0] = -1
+            self.phone_warned.add(lang)
 
     def batch(self, step: int):
         from mm.data import collate

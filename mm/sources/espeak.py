@@ -149,13 +149,18 @@ def _reset_after_fork() -> None:
 os.register_at_fork(after_in_child=_reset_after_fork)
 
 
+def _the_engine() -> _Engine:
+    """The process's one engine, made on first use; call with ``_lock`` held."""
+    global _engine
+    if _engine is None:
+        _engine = _Engine()
+    return _engine
+
+
 def sample_rate() -> int:
     """eSpeak's output rate (22,050 Hz)."""
-    global _engine
     with _lock:
-        if _engine is None:
-            _engine = _Engine()
-        return _engine.sample_rate
+        return _the_engine().sample_rate
 
 
 # The phonemes `phonemes` names: eSpeak NG's English mnemonics ("@" schwa, "aI" as in "my", "t#"
@@ -175,11 +180,8 @@ def phonemes(text: str, voice: str = "en-us") -> tuple[str, ...]:
     "en-us" differ, the variant does not), stress marks dropped, word boundaries not marked:
     the targets of an auxiliary phoneme CTC loss (``extra.phone_ctc`` of the ``speech_lm``
     objective). Deterministic and cheap (~20 us a word); no audio is made."""
-    global _engine
     with _lock:
-        if _engine is None:
-            _engine = _Engine()
-        said = _engine.phonemes(text, voice)
+        said = _the_engine().phonemes(text, voice)
     out = []
     for word in said.split():
         for p in word.split("_"):
@@ -203,7 +205,6 @@ def synthesize(text: str, voice: str = "en+m1", rate: int = 175, pitch: int = 50
     Returns:
         (s,) float32 waveform in [-1, 1] and its sample rate (22,050 Hz).
     """
-    global _engine
     if not text or not text.strip():
         raise ValueError("synthesize needs non-blank text")
     if not 80 <= rate <= 450:
@@ -211,6 +212,5 @@ def synthesize(text: str, voice: str = "en+m1", rate: int = 175, pitch: int = 50
     if not 0 <= pitch <= 100:
         raise ValueError(f"pitch must be 0..100, got {pitch}")
     with _lock:
-        if _engine is None:
-            _engine = _Engine()
-        return _engine.speak(text, voice, rate, pitch), _engine.sample_rate
+        engine = _the_engine()
+        return engine.speak(text, voice, rate, pitch), engine.sample_rate
